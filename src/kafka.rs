@@ -1,0 +1,116 @@
+//! Kafka clients configured the way topk relies on them.
+//!
+//! Consumers never auto-commit and never auto-store offsets: a role stores and commits an offset
+//! only once what it did with the message is durable (the at-least-once loop of rust-rdkafka's
+//! `examples/at_least_once.rs`, made exactly-once by the aggregator's flush protocol).
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+
+/// Errors from the Kafka helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaClientError {
+    #[error("cannot create the Kafka client: {0}")]
+    Create(#[source] KafkaError),
+    #[error("cannot create topic {topic}: {source}")]
+    CreateTopic {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("cannot create topic {topic}: {code}")]
+    CreateTopicRefused {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// Base client settings: loopback-friendly timeouts and quiet logs.
+pub fn base_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("socket.keepalive.enable", "true")
+        .set("log_level", "4");
+    config
+}
+
+/// A producer that waits for the full ISR and retries without reordering.
+pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaClientError> {
+    base_config(brokers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .set("max.in.flight.requests.per.connection", "1")
+        .create()
+        .map_err(KafkaClientError::Create)
+}
+
+/// Consumer settings of a member of `group`: manual offset store and commit, start at the
+/// beginning of a partition the group never committed.
+pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut config = base_config(brokers);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000");
+    config
+}
+
+/// A stream consumer in `group` with a custom context (rebalance callbacks).
+pub fn consumer_with_context<C: ConsumerContext + 'static>(
+    config: &ClientConfig,
+    context: C,
+) -> Result<StreamConsumer<C>, KafkaClientError> {
+    config
+        .create_with_context(context)
+        .map_err(KafkaClientError::Create)
+}
+
+/// A stream consumer in `group` with the default context.
+pub fn consumer(brokers: &str, group: &str) -> Result<StreamConsumer, KafkaClientError> {
+    consumer_config(brokers, group)
+        .create()
+        .map_err(KafkaClientError::Create)
+}
+
+/// Creates `topics` with `partitions` partitions each; topics that exist already are left alone.
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaClientError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers)
+        .create()
+        .map_err(KafkaClientError::Create)?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|source| KafkaClientError::CreateTopic {
+            topic: topics.join(","),
+            source,
+        })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaClientError::CreateTopicRefused { topic, code }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! Shared library of topk: everything the roles (workers, API, jobs, tools) have in common.
+//!
+//! # Layout
+//!
+//! - [`config`]: the clap argument groups for Kafka, ClickHouse, Redis and telemetry that every
+//!   role flattens into its own config, with `TOPK_…` environment variables.
+//! - [`event`]: the play-event contract (JSON on Kafka) and its validation.
+//! - [`kafka`]: producer, consumer and admin clients configured the way topk needs them.
+//! - [`olap`]: the ClickHouse client (the source of truth for play counts).
+//! - [`migrate`]: numbered, idempotent SQL migrations from `schema/`.
+//! - [`cache`]: the Redis connection pool and key layout.
+//! - [`telemetry`]: tracing and the Prometheus metrics exporter.
+//! - [`shutdown`]: one cancellation token fired by SIGINT/SIGTERM.
+//!
+//! The roles themselves live in their own crates: `workers/*` (long-running background
+//! roles), `tools/*` (developer tooling) and `cli/` (the `topk` binary).
+
+pub mod cache;
+pub mod config;
+pub mod event;
+pub mod kafka;
+pub mod migrate;
+pub mod olap;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,195 @@
+//! Numbered, idempotent SQL migrations from `schema/`, applied by `topk migrate`.
+//!
+//! Every statement is written to run on ClickHouse 18.16 and on a current ClickHouse (no TTL,
+//! no LowCardinality, no insert deduplication settings). Applied versions are recorded in
+//! `schema_migrations`; statements are `IF NOT EXISTS`, so a migration interrupted half-way is
+//! simply applied again.
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClickHouseArgs;
+use crate::olap;
+
+/// One schema change.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "plays_minute",
+        sql: include_str!("../schema/001_plays_minute.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "flush_log",
+        sql: include_str!("../schema/002_flush_log.sql"),
+    },
+];
+
+/// Errors applying migrations.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("database name {0:?} is not a plain identifier ([A-Za-z0-9_]+)")]
+    BadDatabaseName(String),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Statement {
+        version: u32,
+        name: &'static str,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("ClickHouse error: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct AppliedRow {
+    version: u32,
+    name: String,
+    applied_at: u32,
+}
+
+/// What one `migrate` run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrateReport {
+    pub applied: Vec<u32>,
+    pub already_applied: Vec<u32>,
+}
+
+/// The statements of a migration file: split on `;`, `--` comment lines dropped.
+pub fn statements(sql: &str) -> Vec<String> {
+    let without_comments: String = sql
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_identifier(name: &str) -> Result<(), MigrateError> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Ok(())
+    } else {
+        Err(MigrateError::BadDatabaseName(name.to_owned()))
+    }
+}
+
+/// Creates the database if needed and applies every migration not yet recorded.
+pub async fn run(args: &ClickHouseArgs) -> Result<MigrateReport, MigrateError> {
+    check_identifier(&args.database)?;
+    olap::server_client(args)
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {}", args.database))
+        .execute()
+        .await?;
+    let client = olap::client(args);
+    client
+        .query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations \
+             (version UInt32, name String, applied_at DateTime) \
+             ENGINE = ReplacingMergeTree ORDER BY version",
+        )
+        .execute()
+        .await?;
+    let done: Vec<u32> = client
+        .query("SELECT DISTINCT version FROM schema_migrations ORDER BY version")
+        .fetch_all()
+        .await?;
+
+    let mut report = MigrateReport::default();
+    for migration in MIGRATIONS {
+        if done.contains(&migration.version) {
+            report.already_applied.push(migration.version);
+            continue;
+        }
+        for statement in statements(migration.sql) {
+            client
+                .query(&statement)
+                .execute()
+                .await
+                .map_err(|source| MigrateError::Statement {
+                    version: migration.version,
+                    name: migration.name,
+                    source,
+                })?;
+        }
+        let mut insert = client.insert::<AppliedRow>("schema_migrations").await?;
+        insert
+            .write(&AppliedRow {
+                version: migration.version,
+                name: migration.name.to_owned(),
+                applied_at: now_secs(),
+            })
+            .await?;
+        insert.end().await?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "migration applied"
+        );
+        report.applied.push(migration.version);
+    }
+    Ok(report)
+}
+
+fn now_secs() -> u32 {
+    let secs = time::OffsetDateTime::now_utc().unix_timestamp();
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_numbered_in_order_and_files_match() {
+        for (index, migration) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(migration.version as usize, index + 1);
+            assert!(
+                !statements(migration.sql).is_empty(),
+                "{} has no statement",
+                migration.name
+            );
+        }
+    }
+
+    #[test]
+    fn statements_skip_comments_and_blank_parts() {
+        let sql = "-- a comment; with a semicolon\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n\n;SELECT 1";
+        assert_eq!(
+            statements(sql),
+            vec![
+                "CREATE TABLE a (x UInt8) ENGINE = Memory".to_owned(),
+                "SELECT 1".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn no_statement_uses_what_clickhouse_18_16_lacks() {
+        for migration in MIGRATIONS {
+            let upper = migration.sql.to_uppercase();
+            for banned in ["TTL", "LOWCARDINALITY", "DATETIME64", "DEDUPLICATION"] {
+                assert!(!upper.contains(banned), "{} uses {banned}", migration.name);
+            }
+        }
+    }
+
+    #[test]
+    fn database_names_are_checked() {
+        assert!(check_identifier("topk_test_1").is_ok());
+        assert!(check_identifier("topk; DROP").is_err());
+        assert!(check_identifier("").is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Shared helpers of the integration tests. Every test runs against the real services started
+//! by `scripts/stack up` (addresses from the same `TOPK_…` variables the roles read) and uses
+//! names of its own (database, topic, group, key prefix), so tests never see each other's data.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use rand::Rng;
+use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
+
+/// A name nobody else uses: `<prefix>_<random>`.
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::rng().random();
+    format!("{prefix}_{n:016x}")
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// ClickHouse settings pointing at `database` on the stack's server.
+pub fn clickhouse_args(database: &str) -> ClickHouseArgs {
+    ClickHouseArgs {
+        url: env_or("TOPK_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+        database: database.to_owned(),
+        user: "default".to_owned(),
+        password: String::new(),
+    }
+}
+
+/// A new database with every migration applied.
+pub async fn migrated_database() -> ClickHouseArgs {
+    let args = clickhouse_args(&unique("topk_test"));
+    topk::migrate::run(&args)
+        .await
+        .expect("migrations apply on a fresh database");
+    args
+}
+
+/// Drops a test database (best effort, at the end of a test).
+pub async fn drop_database(args: &ClickHouseArgs) {
+    let _ = topk::olap::server_client(args)
+        .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
+        .execute()
+        .await;
+}
+
+/// Redis settings with a key prefix of the test's own.
+pub fn redis_args() -> RedisArgs {
+    RedisArgs {
+        url: env_or("TOPK_REDIS_URL", "redis://127.0.0.1:6379"),
+        prefix: unique("topk_test"),
+        pool_size: 4,
+    }
+}
+
+/// The durable broker (tansu) the test stack runs beside the dev broker.
+pub fn tansu_brokers() -> String {
+    env_or("TOPK_TEST_TANSU_BROKERS", "127.0.0.1:9093")
+}
+
+/// Kafka settings for `brokers` and a fresh topic name.
+pub fn kafka_args(brokers: &str) -> KafkaArgs {
+    KafkaArgs {
+        brokers: brokers.to_owned(),
+        topic: unique("plays"),
+    }
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of the `topk` binary, built once per test process if it is missing or stale.
+pub fn topk_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "topk-cli", "--bin", "topk"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the topk binary failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join("target"));
+        target.join("debug").join("topk")
+    })
+    .clone()
+}

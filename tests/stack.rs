@@ -1,0 +1,116 @@
+//! `scripts/stack` itself: a private stack (its own folder and ports) comes up, a second `up`
+//! changes nothing, the dev broker serves Kafka on its fixed port, and `down` leaves no process.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+
+fn stack(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
+    let output = Command::new(common::workspace_root().join("scripts/stack"))
+        .arg(verb)
+        .env("TOPK_STACK_DIR", dir)
+        .env("TOPK_BROKER", "dev")
+        .env("TOPK_PARTITIONS", "2")
+        .env("TOPK_STACK_REDIS_PORT", base_port.to_string())
+        .env("TOPK_STACK_CH_HTTP_PORT", (base_port + 1).to_string())
+        .env("TOPK_STACK_CH_TCP_PORT", (base_port + 2).to_string())
+        .env("TOPK_STACK_KAFKA_PORT", (base_port + 3).to_string())
+        .output()
+        .expect("scripts/stack runs");
+    assert!(
+        output.status.success() || verb == "status",
+        "stack {verb} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn pids(dir: &Path) -> BTreeMap<String, i32> {
+    std::fs::read_dir(dir)
+        .expect("stack dir")
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let service = name.strip_suffix(".pid")?.to_owned();
+            let pid = std::fs::read_to_string(entry.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((service, pid))
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_twice_then_down_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Ports of its own, away from the shared stack's.
+    let base: u16 = 21_000 + (std::process::id() % 400) as u16 * 10;
+
+    stack(dir.path(), base, "up");
+    let first = pids(dir.path());
+    assert_eq!(
+        first.keys().collect::<Vec<_>>(),
+        ["clickhouse", "devbroker", "redis"]
+    );
+    assert!(first.values().all(|&pid| alive(pid)));
+    assert!(stack(dir.path(), base, "status").status.success());
+
+    stack(dir.path(), base, "up");
+    assert_eq!(pids(dir.path()), first, "a second up starts nothing new");
+
+    // The dev broker answers on its fixed port, with the topics the stack created.
+    let brokers = format!("127.0.0.1:{}", base + 3);
+    let producer = topk::kafka::producer(&brokers).expect("producer");
+    producer
+        .send(
+            FutureRecord::to("plays").key("7").payload("hello"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("delivered through the fixed port");
+    let consumer = topk::kafka::consumer(&brokers, "stack-test").expect("consumer");
+    consumer.subscribe(&["plays"]).expect("subscribe");
+    let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("message within 30 s")
+        .expect("no error");
+    assert_eq!(message.payload(), Some(&b"hello"[..]));
+    let metadata = consumer
+        .fetch_metadata(Some("plays.dlq"), Duration::from_secs(10))
+        .expect("metadata");
+    assert_eq!(metadata.topics()[0].partitions().len(), 2);
+    assert_eq!(
+        metadata.brokers()[0].port(),
+        i32::from(base + 3),
+        "advertises the fixed port"
+    );
+    drop(message);
+    drop(consumer);
+
+    stack(dir.path(), base, "down");
+    assert!(pids(dir.path()).is_empty(), "pid files removed");
+    for (service, pid) in first {
+        assert!(
+            !alive(pid),
+            "{service} (pid {pid}) still running after down"
+        );
+    }
+    assert!(
+        !stack(dir.path(), base, "status").status.success(),
+        "status reports the stack down"
+    );
+}

@@ -1,0 +1,61 @@
+//! The aggregator worker (`topk aggregate`): consumes play events, counts them per
+//! (user, song, minute of the event's own timestamp) and flushes the counts to ClickHouse,
+//! exactly once. The protocol and the argument for it are in ARCHITECTURE.md
+//! ("Exactly-once flush protocol").
+//!
+//! # Layout
+//!
+//! - [`batch`]: a processed offset range and its deterministic identity;
+//! - [`dedup`]: duplicate detection over the partition's effective time;
+//! - [`partition`]: one assigned partition (open batch, sealed batches, replay of intents);
+//! - [`store`]: the ClickHouse tables the aggregator writes (`flush_log`, `plays_minute`);
+//! - [`worker`]: the consumer loop, flushes, commits and rebalances;
+//! - [`events`]: the log line and metric of everything that happens.
+
+pub mod batch;
+pub mod dedup;
+pub mod events;
+pub mod partition;
+pub mod store;
+pub mod worker;
+
+use std::time::Duration;
+
+use topk::config::{ClickHouseArgs, KafkaArgs, TelemetryArgs};
+
+pub use worker::{AggregatorError, run};
+
+/// `topk aggregate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AggregatorArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// Consumer group shared by all aggregators.
+    #[arg(long, env = "TOPK_AGGREGATOR_GROUP", default_value = "topk-aggregator")]
+    pub group: String,
+    /// How often counts are flushed to ClickHouse (and offsets committed).
+    #[arg(long, env = "TOPK_FLUSH_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+    /// Memory bound of the in-flight state (counts, dead letters, dedup ids), in bytes.
+    /// Reaching it flushes early; if the flush fails, consumption pauses until one succeeds.
+    #[arg(long, env = "TOPK_MAX_STATE_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_state_bytes: u64,
+    /// A repeated event_id within this much (Kafka) time is counted once.
+    #[arg(long, env = "TOPK_DEDUP_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+    /// Events older than this when produced are rejected as `too_old`.
+    #[arg(long, env = "TOPK_RETENTION", default_value = "8days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// How long SIGTERM may spend on the final flush before giving up (nothing is lost: the
+    /// uncommitted range is replayed by the next owner).
+    #[arg(long, env = "TOPK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Test hook: sleep this long between writing a flush and committing its offsets, to widen
+    /// the window a crash test aims `kill -9` at.
+    #[arg(long, env = "TOPK_TEST_PAUSE_BEFORE_COMMIT", value_parser = humantime::parse_duration, hide = true)]
+    pub test_pause_before_commit: Option<Duration>,
+}

@@ -1,0 +1,534 @@
+//! The consumer loop: receive, count, flush, commit; flush before partitions are revoked.
+//!
+//! All partition state lives in the consumer's context so that the rebalance callback, which
+//! librdkafka runs inside `recv()` on this same task, can flush it synchronously before the
+//! partitions go to another worker.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use topk::event::Validator;
+
+use crate::AggregatorArgs;
+use crate::batch::Batch;
+use crate::events;
+use crate::partition::{Message, Outcome, PartitionState};
+use crate::store::Store;
+
+/// Errors that stop the aggregator.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error(transparent)]
+    Kafka(#[from] topk::kafka::KafkaClientError),
+    #[error("cannot subscribe to {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(
+        "the final flush did not succeed within the shutdown timeout; the next owner replays the uncommitted offsets"
+    )]
+    FinalFlush,
+}
+
+/// Why a flush failed (the batches are kept and retried).
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("writing flush intents: {0}")]
+    Intents(#[source] clickhouse::error::Error),
+    #[error("writing counts: {0}")]
+    Counts(#[source] clickhouse::error::Error),
+    #[error("producing to the dead-letter topic: {0}")]
+    DeadLetters(#[source] KafkaError),
+}
+
+/// Why a partition could not be resumed (retried with the same message).
+#[derive(Debug, thiserror::Error)]
+enum ResumeError {
+    #[error("reading flush intents: {0}")]
+    Intents(#[from] clickhouse::error::Error),
+    #[error("re-reading the dedup window: {0}")]
+    Rebuild(#[from] KafkaError),
+    #[error("re-reading the dedup window timed out at offset {0}")]
+    RebuildTimeout(u64),
+}
+
+struct Core {
+    partitions: HashMap<i32, PartitionState>,
+}
+
+impl Core {
+    fn bytes(&self) -> u64 {
+        self.partitions.values().map(PartitionState::bytes).sum()
+    }
+
+    fn flushable_bytes(&self) -> u64 {
+        self.partitions
+            .values()
+            .map(PartitionState::flushable_bytes)
+            .sum()
+    }
+}
+
+/// Everything the loop and the rebalance callback share.
+struct Worker {
+    core: Mutex<Core>,
+    store: Store,
+    producer: FutureProducer,
+    topic: String,
+    dlq_topic: String,
+    handle: Handle,
+    test_pause_before_commit: Option<Duration>,
+}
+
+impl Worker {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock aborts the flush protocol anyway; the data is safe.
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Seals and flushes the batches of `only` (all partitions when `None`): intents, counts,
+    /// dead letters, then the offset commit. On failure the batches are put back.
+    async fn flush<C: Consumer<Worker>>(
+        &self,
+        consumer: &C,
+        only: Option<&[i32]>,
+    ) -> Result<(), FlushError> {
+        let started = Instant::now();
+        let taken: Vec<(i32, Vec<Batch>)> = {
+            let mut core = self.core();
+            core.partitions
+                .iter_mut()
+                .filter(|(p, _)| only.is_none_or(|list| list.contains(p)))
+                .filter_map(|(&p, state)| {
+                    state.seal();
+                    let batches = state.take_sealed();
+                    (!batches.is_empty()).then_some((p, batches))
+                })
+                .collect()
+        };
+        if taken.is_empty() {
+            return Ok(());
+        }
+        match self.write(&taken).await {
+            Ok((rows, dead_letters)) => {
+                if let Some(pause) = self.test_pause_before_commit {
+                    tokio::time::sleep(pause).await;
+                }
+                self.commit(consumer, &taken);
+                events::flushed(
+                    taken.iter().map(|(_, b)| b.len()).sum(),
+                    rows,
+                    dead_letters,
+                    started.elapsed(),
+                );
+                events::state_bytes(self.core().bytes());
+                Ok(())
+            }
+            Err(error) => {
+                let mut core = self.core();
+                for (p, batches) in taken {
+                    if let Some(state) = core.partitions.get_mut(&p) {
+                        state.restore_sealed(batches);
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn write(&self, taken: &[(i32, Vec<Batch>)]) -> Result<(u64, usize), FlushError> {
+        let batches: Vec<&Batch> = taken.iter().flat_map(|(_, b)| b.iter()).collect();
+        let now = u32::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
+        self.store
+            .write_intents(&batches, now)
+            .await
+            .map_err(FlushError::Intents)?;
+        let rows = self
+            .store
+            .write_counts(&batches)
+            .await
+            .map_err(FlushError::Counts)?;
+        let deliveries = batches.iter().flat_map(|batch| {
+            batch.dead_letters.iter().map(move |letter| {
+                let partition = batch.partition.to_string();
+                let offset = letter.offset.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "reason",
+                        value: Some(letter.reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: "source_topic",
+                        value: Some(self.topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: "source_partition",
+                        value: Some(partition.as_str()),
+                    })
+                    .insert(Header {
+                        key: "source_offset",
+                        value: Some(offset.as_str()),
+                    });
+                let mut record = FutureRecord::<[u8], [u8]>::to(&self.dlq_topic).headers(headers);
+                if let Some(key) = &letter.key {
+                    record = record.key(key.as_slice());
+                }
+                if let Some(payload) = &letter.payload {
+                    record = record.payload(payload.as_slice());
+                }
+                self.producer.send(record, Duration::from_secs(30))
+            })
+        });
+        let results = join_all(deliveries).await;
+        let dead_letters = results.len();
+        for result in results {
+            result.map_err(|(error, _)| FlushError::DeadLetters(error))?;
+        }
+        Ok((rows, dead_letters))
+    }
+
+    fn commit<C: Consumer<Worker>>(&self, consumer: &C, taken: &[(i32, Vec<Batch>)]) {
+        let mut offsets = TopicPartitionList::new();
+        for (p, batches) in taken {
+            if let Some(last) = batches.last() {
+                let offset = Offset::Offset(last.end_offset as i64);
+                if let Err(error) = offsets.add_partition_offset(&self.topic, *p, offset) {
+                    events::commit_failed(&error);
+                }
+            }
+        }
+        if let Err(error) = consumer.commit(&offsets, CommitMode::Sync) {
+            events::commit_failed(&error);
+        }
+    }
+}
+
+impl ClientContext for Worker {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (&partition, stats) in &topic.partitions {
+                if partition >= 0 && stats.consumer_lag >= 0 {
+                    events::consumer_lag(partition, stats.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Worker {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let revoked: Vec<i32> = list
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        // The callback runs inside `recv()` on the loop's task: block this thread (not the
+        // runtime) until the revoked partitions are flushed and committed.
+        let flushed = tokio::task::block_in_place(|| {
+            self.handle.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    self.flush(consumer, Some(&revoked)),
+                )
+                .await
+            })
+        });
+        let flushed = matches!(flushed, Ok(Ok(())));
+        // Whatever happened, the state goes: the next owner resumes from the committed offset
+        // and replays any recorded intent exactly.
+        let mut core = self.core();
+        for p in &revoked {
+            core.partitions.remove(p);
+        }
+        events::partitions_released(&revoked, flushed);
+    }
+}
+
+/// Runs an aggregator until `shutdown` fires; flushes and commits before returning.
+pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<(), AggregatorError> {
+    let validator = Validator {
+        retention_ms: duration_ms(args.retention),
+    };
+    let dedup_window_ms = duration_ms(args.dedup_window);
+    let worker = Worker {
+        core: Mutex::new(Core {
+            partitions: HashMap::new(),
+        }),
+        store: Store::new(topk::olap::client(&args.clickhouse), &args.kafka.topic),
+        producer: topk::kafka::producer(&args.kafka.brokers)?,
+        topic: args.kafka.topic.clone(),
+        dlq_topic: args.kafka.dlq_topic(),
+        handle: Handle::current(),
+        test_pause_before_commit: args.test_pause_before_commit,
+    };
+    let mut config = topk::kafka::consumer_config(&args.kafka.brokers, &args.group);
+    config
+        .set("statistics.interval.ms", "5000")
+        .set("queued.max.messages.kbytes", "16384");
+    let consumer: StreamConsumer<Worker> = topk::kafka::consumer_with_context(&config, worker)?;
+    consumer
+        .subscribe(&[&args.kafka.topic])
+        .map_err(|source| AggregatorError::Subscribe {
+            topic: args.kafka.topic.clone(),
+            source,
+        })?;
+    tracing::info!(topic = %args.kafka.topic, group = %args.group, "aggregator started");
+
+    let mut flush_tick = tokio::time::interval(args.flush_interval);
+    flush_tick.tick().await;
+    let mut paused = false;
+    let mut processed: u64 = 0;
+    let mut dedup_warned = false;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = retry => {
+                retry_at = None;
+                flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
+            }
+            _ = flush_tick.tick() => {
+                flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
+            }
+            received = consumer.recv() => {
+                let message = match received {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%error, "consumer error");
+                        continue;
+                    }
+                };
+                let partition = message.partition();
+                let offset = u64::try_from(message.offset()).unwrap_or(0);
+                let known = consumer.context().core().partitions.contains_key(&partition);
+                if !known {
+                    let state = resume_partition(
+                        consumer.context(), &args, partition, offset, validator, dedup_window_ms, &shutdown,
+                    ).await;
+                    let Some(state) = state else { break };
+                    consumer.context().core().partitions.insert(partition, state);
+                }
+                let outcome = {
+                    let mut core = consumer.context().core();
+                    let Some(state) = core.partitions.get_mut(&partition) else { continue };
+                    state.process(Message {
+                        offset,
+                        timestamp: message.timestamp().to_millis(),
+                        key: message.key(),
+                        payload: message.payload(),
+                    })
+                };
+                events::consumed(1);
+                match outcome {
+                    Outcome::Counted => events::counted(1),
+                    Outcome::Duplicate => events::duplicate(partition, offset),
+                    Outcome::DeadLetter(reason) => events::dead_letter(partition, offset, reason),
+                }
+                let (bytes, flushable) = {
+                    let core = consumer.context().core();
+                    (core.bytes(), core.flushable_bytes())
+                };
+                processed += 1;
+                if processed % 256 == 0 {
+                    events::state_bytes(bytes);
+                }
+                // Flushing only helps when it frees a good part of the cap; the dedup memory
+                // cannot be flushed (see ARCHITECTURE.md, "Memory").
+                if bytes >= args.max_state_bytes && retry_at.is_none() {
+                    if flushable >= args.max_state_bytes / 8 {
+                        flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
+                    } else if !dedup_warned {
+                        dedup_warned = true;
+                        tracing::warn!(bytes, flushable, "dedup memory alone fills --max-state-bytes; raise the cap");
+                    }
+                }
+            }
+        }
+    }
+
+    // Shutdown: flush and commit everything, retrying until the deadline.
+    let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
+    let mut done = false;
+    while tokio::time::Instant::now() < deadline {
+        match consumer.context().flush(&consumer, None).await {
+            Ok(()) => {
+                done = true;
+                break;
+            }
+            Err(error) => {
+                events::flush_failed(&error);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    // Leaving the group flushes nothing more: the state is empty, or it is abandoned.
+    consumer.context().core().partitions.clear();
+    consumer.unsubscribe();
+    drop(consumer);
+    if done {
+        tracing::info!("aggregator stopped after its final flush");
+        Ok(())
+    } else {
+        Err(AggregatorError::FinalFlush)
+    }
+}
+
+/// One flush attempt from the loop, with backpressure: when the state is at its cap and the
+/// flush fails, the assigned partitions are paused until a retry succeeds.
+async fn flush_now(
+    consumer: &StreamConsumer<Worker>,
+    paused: &mut bool,
+    retry_at: &mut Option<tokio::time::Instant>,
+    max_state_bytes: u64,
+) {
+    let worker = consumer.context();
+    let result = worker.flush(consumer, None).await;
+    let bytes = worker.core().bytes();
+    events::state_bytes(bytes);
+    match result {
+        Ok(()) => {
+            *retry_at = None;
+            if *paused {
+                if let Ok(assignment) = consumer.assignment() {
+                    let _ = consumer.resume(&assignment);
+                }
+                *paused = false;
+                events::backpressure(false, bytes);
+            }
+        }
+        Err(error) => {
+            events::flush_failed(&error);
+            *retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            if bytes >= max_state_bytes && !*paused {
+                if let Ok(assignment) = consumer.assignment() {
+                    let _ = consumer.pause(&assignment);
+                }
+                *paused = true;
+                events::backpressure(true, bytes);
+            }
+        }
+    }
+}
+
+/// Builds the state of a partition the first time one of its messages arrives at `offset`:
+/// reads the recorded intents and rebuilds the dedup memory. Retries until it succeeds or the
+/// worker shuts down (`None`): counting without knowing the intents could break exactly-once.
+async fn resume_partition(
+    worker: &Worker,
+    args: &AggregatorArgs,
+    partition: i32,
+    offset: u64,
+    validator: Validator,
+    dedup_window_ms: i64,
+    shutdown: &CancellationToken,
+) -> Option<PartitionState> {
+    loop {
+        match try_resume(worker, args, partition, offset, validator, dedup_window_ms).await {
+            Ok(state) => return Some(state),
+            Err(error) => {
+                tracing::warn!(partition, offset, %error, "cannot resume partition yet; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn try_resume(
+    worker: &Worker,
+    args: &AggregatorArgs,
+    partition: i32,
+    offset: u64,
+    validator: Validator,
+    dedup_window_ms: i64,
+) -> Result<PartitionState, ResumeError> {
+    let resume = worker.store.intent_ending_at(partition, offset).await?;
+    let replay = worker.store.intents_from(partition, offset).await?;
+    let replay_count = replay.len();
+    let mut state = PartitionState::new(
+        partition,
+        validator,
+        dedup_window_ms,
+        resume.as_ref(),
+        replay,
+    );
+    let mut rebuilt = 0;
+    if let Some(resume) = resume.filter(|r| r.dedup_from < offset) {
+        rebuilt = rebuild_dedup(&mut state, args, partition, resume.dedup_from, offset).await?;
+        state.resume_clock(resume.max_ts);
+    }
+    events::partition_resumed(partition, offset, replay_count, rebuilt);
+    Ok(state)
+}
+
+/// Re-reads `[from, until)` of the partition with a consumer outside the group, feeding the
+/// dedup memory without counting anything.
+async fn rebuild_dedup(
+    state: &mut PartitionState,
+    args: &AggregatorArgs,
+    partition: i32,
+    from: u64,
+    until: u64,
+) -> Result<u64, ResumeError> {
+    let reader: StreamConsumer =
+        topk::kafka::consumer_config(&args.kafka.brokers, &format!("{}-rebuild", args.group))
+            .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&args.kafka.topic, partition, Offset::Offset(from as i64))?;
+    reader.assign(&assignment)?;
+    let mut read = 0;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+            .await
+            .map_err(|_| ResumeError::RebuildTimeout(from + read))??;
+        let offset = u64::try_from(message.offset()).unwrap_or(0);
+        if offset >= until {
+            break;
+        }
+        state.remember(Message {
+            offset,
+            timestamp: message.timestamp().to_millis(),
+            key: message.key(),
+            payload: message.payload(),
+        });
+        read += 1;
+        if offset + 1 >= until {
+            break;
+        }
+    }
+    Ok(read)
+}
+
+fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
