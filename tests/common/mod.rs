@@ -11,6 +11,8 @@ use rand::Rng;
 use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
 /// A name nobody else uses: `<prefix>_<random>`.
+pub mod workload;
+
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::rng().random();
     format!("{prefix}_{n:016x}")
@@ -91,4 +93,31 @@ pub fn topk_bin() -> PathBuf {
         target.join("debug").join("topk")
     })
     .clone()
+}
+
+/// Aggregator settings from command-line flags, exactly as `topk aggregate` parses them.
+pub fn aggregator_args(
+    brokers: &str,
+    topic: &str,
+    clickhouse: &ClickHouseArgs,
+    extra: &[&str],
+) -> topk_aggregator::AggregatorArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: topk_aggregator::AggregatorArgs,
+    }
+    let mut argv = vec![
+        "topk-aggregate".to_owned(),
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+        format!("--clickhouse-url={}", clickhouse.url),
+        format!("--clickhouse-database={}", clickhouse.database),
+    ];
+    if !extra.iter().any(|flag| flag.starts_with("--group")) {
+        argv.push(format!("--group={}", unique("aggregator")));
+    }
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    Cli::parse_from(argv).args
 }

@@ -13,7 +13,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
@@ -93,6 +93,10 @@ struct Worker {
     dlq_topic: String,
     handle: Handle,
     test_pause_before_commit: Option<Duration>,
+    validator: Validator,
+    dedup_window_ms: i64,
+    brokers: String,
+    group: String,
 }
 
 impl Worker {
@@ -266,10 +270,6 @@ impl ConsumerContext for Worker {
 
 /// Runs an aggregator until `shutdown` fires; flushes and commits before returning.
 pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<(), AggregatorError> {
-    let validator = Validator {
-        retention_ms: duration_ms(args.retention),
-    };
-    let dedup_window_ms = duration_ms(args.dedup_window);
     let worker = Worker {
         core: Mutex::new(Core {
             partitions: HashMap::new(),
@@ -280,6 +280,12 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         dlq_topic: args.kafka.dlq_topic(),
         handle: Handle::current(),
         test_pause_before_commit: args.test_pause_before_commit,
+        validator: Validator {
+            retention_ms: duration_ms(args.retention),
+        },
+        dedup_window_ms: duration_ms(args.dedup_window),
+        brokers: args.kafka.brokers.clone(),
+        group: args.group.clone(),
     };
     let mut config = topk::kafka::consumer_config(&args.kafka.brokers, &args.group);
     config
@@ -330,21 +336,14 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                 let offset = u64::try_from(message.offset()).unwrap_or(0);
                 let known = consumer.context().core().partitions.contains_key(&partition);
                 if !known {
-                    let state = resume_partition(
-                        consumer.context(), &args, partition, offset, validator, dedup_window_ms, &shutdown,
-                    ).await;
+                    let state = resume_partition(consumer.context(), partition, offset, &shutdown).await;
                     let Some(state) = state else { break };
                     consumer.context().core().partitions.insert(partition, state);
                 }
                 let outcome = {
                     let mut core = consumer.context().core();
                     let Some(state) = core.partitions.get_mut(&partition) else { continue };
-                    state.process(Message {
-                        offset,
-                        timestamp: message.timestamp().to_millis(),
-                        key: message.key(),
-                        payload: message.payload(),
-                    })
+                    state.process(view(&message))
                 };
                 events::consumed(1);
                 match outcome {
@@ -443,15 +442,12 @@ async fn flush_now(
 /// worker shuts down (`None`): counting without knowing the intents could break exactly-once.
 async fn resume_partition(
     worker: &Worker,
-    args: &AggregatorArgs,
     partition: i32,
     offset: u64,
-    validator: Validator,
-    dedup_window_ms: i64,
     shutdown: &CancellationToken,
 ) -> Option<PartitionState> {
     loop {
-        match try_resume(worker, args, partition, offset, validator, dedup_window_ms).await {
+        match try_resume(worker, partition, offset).await {
             Ok(state) => return Some(state),
             Err(error) => {
                 tracing::warn!(partition, offset, %error, "cannot resume partition yet; retrying");
@@ -466,25 +462,22 @@ async fn resume_partition(
 
 async fn try_resume(
     worker: &Worker,
-    args: &AggregatorArgs,
     partition: i32,
     offset: u64,
-    validator: Validator,
-    dedup_window_ms: i64,
 ) -> Result<PartitionState, ResumeError> {
     let resume = worker.store.intent_ending_at(partition, offset).await?;
     let replay = worker.store.intents_from(partition, offset).await?;
     let replay_count = replay.len();
     let mut state = PartitionState::new(
         partition,
-        validator,
-        dedup_window_ms,
+        worker.validator,
+        worker.dedup_window_ms,
         resume.as_ref(),
         replay,
     );
     let mut rebuilt = 0;
     if let Some(resume) = resume.filter(|r| r.dedup_from < offset) {
-        rebuilt = rebuild_dedup(&mut state, args, partition, resume.dedup_from, offset).await?;
+        rebuilt = rebuild_dedup(worker, &mut state, partition, resume.dedup_from, offset).await?;
         state.resume_clock(resume.max_ts);
     }
     events::partition_resumed(partition, offset, replay_count, rebuilt);
@@ -494,17 +487,17 @@ async fn try_resume(
 /// Re-reads `[from, until)` of the partition with a consumer outside the group, feeding the
 /// dedup memory without counting anything.
 async fn rebuild_dedup(
+    worker: &Worker,
     state: &mut PartitionState,
-    args: &AggregatorArgs,
     partition: i32,
     from: u64,
     until: u64,
 ) -> Result<u64, ResumeError> {
     let reader: StreamConsumer =
-        topk::kafka::consumer_config(&args.kafka.brokers, &format!("{}-rebuild", args.group))
+        topk::kafka::consumer_config(&worker.brokers, &format!("{}-rebuild", worker.group))
             .create()?;
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(&args.kafka.topic, partition, Offset::Offset(from as i64))?;
+    assignment.add_partition_offset(&worker.topic, partition, Offset::Offset(from as i64))?;
     reader.assign(&assignment)?;
     let mut read = 0;
     loop {
@@ -515,18 +508,23 @@ async fn rebuild_dedup(
         if offset >= until {
             break;
         }
-        state.remember(Message {
-            offset,
-            timestamp: message.timestamp().to_millis(),
-            key: message.key(),
-            payload: message.payload(),
-        });
+        state.remember(view(&message));
         read += 1;
         if offset + 1 >= until {
             break;
         }
     }
     Ok(read)
+}
+
+/// The partition state's view of a Kafka message.
+fn view<'a>(message: &'a BorrowedMessage<'_>) -> Message<'a> {
+    Message {
+        offset: u64::try_from(message.offset()).unwrap_or(0),
+        timestamp: message.timestamp().to_millis(),
+        key: message.key(),
+        payload: message.payload(),
+    }
 }
 
 fn duration_ms(duration: Duration) -> i64 {

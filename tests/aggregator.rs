@@ -1,0 +1,212 @@
+//! The aggregator against a real broker and the real ClickHouse: every valid play counted
+//! exactly once, whatever happens. Totals are compared with an oracle computed from the
+//! generated traffic. Counts are reduced for CI; `TOPK_TEST_SCALE=10` runs the full versions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::workload::{self, Workload};
+use tokio_util::sync::CancellationToken;
+use topk_devbroker::DevBroker;
+
+/// Multiplies event counts (`TOPK_TEST_SCALE`, default 1).
+fn scale(n: usize) -> usize {
+    let factor: usize = std::env::var("TOPK_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    n * factor.max(1)
+}
+
+struct Setup {
+    broker: DevBroker,
+    brokers: String,
+    topic: String,
+    clickhouse: topk::config::ClickHouseArgs,
+}
+
+async fn setup(partitions: i32) -> Setup {
+    let broker = DevBroker::start(100).expect("mock cluster");
+    let topic = common::unique("plays");
+    broker.create_topic(&topic, partitions).expect("topic");
+    broker
+        .create_topic(&topk::config::dlq_topic(&topic), partitions)
+        .expect("dlq topic");
+    let brokers = broker.bootstrap_servers();
+    let clickhouse = common::migrated_database().await;
+    Setup {
+        broker,
+        brokers,
+        topic,
+        clickhouse,
+    }
+}
+
+fn spawn_worker(
+    setup: &Setup,
+    group: &str,
+    extra: &[&str],
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), topk_aggregator::AggregatorError>>,
+) {
+    let mut flags = vec![format!("--group={group}")];
+    flags.extend(extra.iter().map(|s| (*s).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let args = common::aggregator_args(&setup.brokers, &setup.topic, &setup.clickhouse, &flags);
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(topk_aggregator::run(args, shutdown.clone()));
+    (shutdown, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_exact_totals_and_dead_letters() {
+    let setup = setup(4).await;
+    let mut rng = workload::rng("oracle");
+    let mut load = Workload::new();
+    load.add(
+        &mut rng,
+        scale(20_000),
+        300,
+        40,
+        workload::now_ms(),
+        0.1,
+        0.05,
+    );
+    workload::produce(&setup.brokers, &setup.topic, &load.messages).await;
+
+    let (shutdown, worker) = spawn_worker(&setup, "oracle", &["--flush-interval=500ms"]);
+    workload::wait_for_total(&setup.clickhouse, load.total(), Duration::from_secs(120)).await;
+    shutdown.cancel();
+    worker.await.expect("joins").expect("clean shutdown");
+
+    workload::assert_same_totals(&workload::totals(&setup.clickhouse).await, &load.truth);
+    let dlq = topk::config::dlq_topic(&setup.topic);
+    assert_eq!(
+        workload::dead_letters(&setup.brokers, &dlq, load.dead_total()).await,
+        load.dead
+    );
+    assert!(
+        load.dead.len() >= 7,
+        "every rejection kind was exercised: {:?}",
+        load.dead
+    );
+    common::drop_database(&setup.clickhouse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_after_a_restart_is_not_counted() {
+    let setup = setup(2).await;
+    let now = workload::now_ms();
+    let play = |id: &str, song: u64| {
+        (
+            "42".to_owned(),
+            format!(r#"{{"event_id":"{id}","user_id":42,"song_id":{song},"timestamp":{now}}}"#)
+                .into_bytes(),
+        )
+    };
+    // Traffic on the other partition too, so resuming is more than a trivial case.
+    let mut filler = Workload::new();
+    filler.add(
+        &mut workload::rng("restart-dedup"),
+        500,
+        50,
+        10,
+        now,
+        0.0,
+        0.0,
+    );
+    let mut first = filler.messages.clone();
+    first.push(play("x-1", 7));
+    workload::produce(&setup.brokers, &setup.topic, &first).await;
+
+    let (shutdown, worker) = spawn_worker(&setup, "restart", &["--flush-interval=300ms"]);
+    workload::wait_for_total(
+        &setup.clickhouse,
+        filler.total() + 1,
+        Duration::from_secs(60),
+    )
+    .await;
+    shutdown.cancel();
+    worker.await.expect("joins").expect("clean shutdown");
+
+    // The same event again after the restart, then a new one behind it on the same partition.
+    workload::produce(
+        &setup.brokers,
+        &setup.topic,
+        &[play("x-1", 7), play("y-1", 9)],
+    )
+    .await;
+    let (shutdown, worker) = spawn_worker(&setup, "restart", &["--flush-interval=300ms"]);
+    workload::wait_for_total(
+        &setup.clickhouse,
+        filler.total() + 2,
+        Duration::from_secs(60),
+    )
+    .await;
+    shutdown.cancel();
+    worker.await.expect("joins").expect("clean shutdown");
+
+    let mut truth = filler.truth.clone();
+    *truth.entry((42, 7)).or_default() += 1;
+    *truth.entry((42, 9)).or_default() += 1;
+    workload::assert_same_totals(&workload::totals(&setup.clickhouse).await, &truth);
+    common::drop_database(&setup.clickhouse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_joining_and_leaving_mid_stream_changes_nothing() {
+    let setup = setup(6).await;
+    let mut rng = workload::rng("rebalance");
+    let mut load = Workload::new();
+    let group = common::unique("rebalance");
+    let (shutdown_a, worker_a) = spawn_worker(&setup, &group, &["--flush-interval=400ms"]);
+
+    let mut produced = 0;
+    let mut worker_b = None;
+    for round in 0..6 {
+        let mut part = Workload::new();
+        part.add(
+            &mut rng,
+            scale(3_000),
+            200,
+            30,
+            workload::now_ms(),
+            0.1,
+            0.02,
+        );
+        workload::produce(&setup.brokers, &setup.topic, &part.messages).await;
+        produced += part.messages.len();
+        for (key, plays) in part.truth {
+            *load.truth.entry(key).or_default() += plays;
+        }
+        match round {
+            // B joins: the group rebalances and A flushes what it gives up...
+            1 => worker_b = Some(spawn_worker(&setup, &group, &["--flush-interval=400ms"])),
+            // ...and B leaves again, flushing and committing on its way out.
+            4 => {
+                let (shutdown_b, handle_b) = worker_b.take().expect("B runs");
+                shutdown_b.cancel();
+                handle_b
+                    .await
+                    .expect("joins")
+                    .expect("B shuts down cleanly");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(produced > 0);
+    workload::wait_for_total(
+        &setup.clickhouse,
+        load.truth.values().sum(),
+        Duration::from_secs(120),
+    )
+    .await;
+    shutdown_a.cancel();
+    worker_a.await.expect("joins").expect("clean shutdown");
+    workload::assert_same_totals(&workload::totals(&setup.clickhouse).await, &load.truth);
+    drop(setup.broker);
+    common::drop_database(&setup.clickhouse).await;
+}
