@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::workload::{self, Workload};
+use common::workload::{self, Mix, Workload};
 use tokio_util::sync::CancellationToken;
 use topk_devbroker::DevBroker;
 
@@ -68,11 +68,13 @@ async fn oracle_exact_totals_and_dead_letters() {
     load.add(
         &mut rng,
         scale(20_000),
-        300,
-        40,
         workload::now_ms(),
-        0.1,
-        0.05,
+        Mix {
+            users: 300,
+            songs: 40,
+            dup_rate: 0.1,
+            bad_rate: 0.05,
+        },
     );
     workload::produce(&setup.brokers, &setup.topic, &load.messages).await;
 
@@ -111,11 +113,13 @@ async fn duplicate_after_a_restart_is_not_counted() {
     filler.add(
         &mut workload::rng("restart-dedup"),
         500,
-        50,
-        10,
         now,
-        0.0,
-        0.0,
+        Mix {
+            users: 50,
+            songs: 10,
+            dup_rate: 0.0,
+            bad_rate: 0.0,
+        },
     );
     let mut first = filler.messages.clone();
     first.push(play("x-1", 7));
@@ -170,11 +174,13 @@ async fn a_worker_joining_and_leaving_mid_stream_changes_nothing() {
         part.add(
             &mut rng,
             scale(3_000),
-            200,
-            30,
             workload::now_ms(),
-            0.1,
-            0.02,
+            Mix {
+                users: 200,
+                songs: 30,
+                dup_rate: 0.1,
+                bad_rate: 0.02,
+            },
         );
         workload::produce(&setup.brokers, &setup.topic, &part.messages).await;
         produced += part.messages.len();

@@ -26,6 +26,17 @@ pub struct Workload {
     next_event: u64,
 }
 
+/// The shape of generated traffic.
+#[derive(Debug, Clone, Copy)]
+pub struct Mix {
+    pub users: u64,
+    pub songs: u64,
+    /// Fraction of messages that re-send an earlier play (same event_id).
+    pub dup_rate: f64,
+    /// Fraction of malformed messages.
+    pub bad_rate: f64,
+}
+
 impl Workload {
     pub fn new() -> Self {
         Self::default()
@@ -33,16 +44,13 @@ impl Workload {
 
     /// Adds `n` messages around `now_ms`: valid plays spread over the past 7 days (late ones
     /// included), `dup_rate` of them sent twice, `bad_rate` malformed messages of every kind.
-    pub fn add(
-        &mut self,
-        rng: &mut StdRng,
-        n: usize,
-        users: u64,
-        songs: u64,
-        now_ms: i64,
-        dup_rate: f64,
-        bad_rate: f64,
-    ) {
+    pub fn add(&mut self, rng: &mut StdRng, n: usize, now_ms: i64, mix: Mix) {
+        let Mix {
+            users,
+            songs,
+            dup_rate,
+            bad_rate,
+        } = mix;
         let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
         for _ in 0..n {
             if rng.random_bool(bad_rate) {

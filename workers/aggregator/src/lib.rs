@@ -37,6 +37,9 @@ pub struct AggregatorArgs {
     /// Consumer group shared by all aggregators.
     #[arg(long, env = "TOPK_AGGREGATOR_GROUP", default_value = "topk-aggregator")]
     pub group: String,
+    /// Kafka consumer-group session timeout: how long a dead worker keeps its partitions.
+    #[arg(long, env = "TOPK_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub kafka_session_timeout: Duration,
     /// How often counts are flushed to ClickHouse (and offsets committed).
     #[arg(long, env = "TOPK_FLUSH_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,

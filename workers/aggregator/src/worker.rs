@@ -290,6 +290,16 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
     let mut config = topk::kafka::consumer_config(&args.kafka.brokers, &args.group);
     config
         .set("statistics.interval.ms", "5000")
+        .set(
+            "session.timeout.ms",
+            args.kafka_session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (args.kafka_session_timeout.as_millis() / 4)
+                .max(100)
+                .to_string(),
+        )
         .set("queued.max.messages.kbytes", "16384");
     let consumer: StreamConsumer<Worker> = topk::kafka::consumer_with_context(&config, worker)?;
     consumer

@@ -1,0 +1,125 @@
+//! `kill -9` of aggregator processes at random moments while events flow, including inside the
+//! window between a flush's writes and its offset commit: the final totals are exact.
+//! `TOPK_TEST_SCALE=10` runs the full version (10× the events and 30 kills).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::workload::{self, Mix, Workload};
+use rand::Rng;
+use tokio::process::{Child, Command};
+
+fn scale() -> usize {
+    std::env::var("TOPK_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
+}
+
+fn start_worker(
+    brokers: &str,
+    topic: &str,
+    clickhouse: &topk::config::ClickHouseArgs,
+    log: &std::path::Path,
+    extra: &[&str],
+) -> Child {
+    let log = std::fs::File::create(log).expect("log file");
+    Command::new(common::topk_bin())
+        .arg("aggregate")
+        .args([
+            &format!("--kafka-brokers={brokers}"),
+            &format!("--kafka-topic={topic}"),
+            &format!("--clickhouse-url={}", clickhouse.url),
+            &format!("--clickhouse-database={}", clickhouse.database),
+            "--group=crash-test",
+            "--kafka-session-timeout=2s",
+            "--flush-interval=200ms",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("topk aggregate starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
+    let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
+    let topic = common::unique("plays");
+    broker.create_topic(&topic, 4).expect("topic");
+    broker
+        .create_topic(&topk::config::dlq_topic(&topic), 4)
+        .expect("dlq topic");
+    let brokers = broker.bootstrap_servers();
+    let clickhouse = common::migrated_database().await;
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut rng = workload::rng("crash");
+    let mut load = Workload::new();
+    let mix = Mix {
+        users: 400,
+        songs: 50,
+        dup_rate: 0.1,
+        bad_rate: 0.03,
+    };
+
+    let kills = if scale() > 1 { 30 } else { 12 };
+    for round in 0..kills {
+        let mut part = Workload::new();
+        part.add(&mut rng, 1_500 * scale(), workload::now_ms(), mix);
+        workload::produce(&brokers, &topic, &part.messages).await;
+        for (key, plays) in part.truth {
+            *load.truth.entry(key).or_default() += plays;
+        }
+        // Every other worker sleeps between its writes and its commit, so that most kills of
+        // those land inside that window.
+        let extra: &[&str] = if round % 2 == 0 {
+            &["--test-pause-before-commit=700ms"]
+        } else {
+            &[]
+        };
+        let log = logs.path().join(format!("worker-{round:02}.log"));
+        let mut child = start_worker(&brokers, &topic, &clickhouse, &log, extra);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..4_000))).await;
+        child.start_kill().expect("SIGKILL");
+        child.wait().await.expect("reaped");
+    }
+
+    // A last worker runs to the end and stops cleanly on SIGTERM.
+    let log = logs.path().join("worker-final.log");
+    let mut child = start_worker(&brokers, &topic, &clickhouse, &log, &[]);
+    workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(180)).await;
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+
+    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+
+    // Proof that some kill landed between a flush's writes and its commit: a later worker
+    // found recorded intents past the committed offset and replayed them.
+    let replays = std::fs::read_dir(logs.path())
+        .expect("logs")
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| line.contains("partition resumed") && !line.contains("replay_intents=0"))
+        .count();
+    assert!(
+        replays > 0,
+        "no kill landed between writes and commit; logs in {:?}",
+        logs.keep()
+    );
+    common::drop_database(&clickhouse).await;
+}
