@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Count plays from Kafka into ClickHouse, exactly once (a consumer-group worker).
-    Aggregate(topk_aggregator::AggregatorArgs),
+    Aggregate(Box<topk_aggregator::AggregatorArgs>),
     /// Apply the ClickHouse schema migrations (idempotent).
     Migrate {
         #[command(flatten)]
@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Aggregate(args) => {
             topk::telemetry::init(&args.telemetry).context("starting telemetry")?;
             let shutdown = topk::shutdown::on_signals();
-            topk_aggregator::run(args, shutdown)
+            topk_aggregator::run(*args, shutdown)
                 .await
                 .context("aggregator failed")?;
         }

@@ -371,8 +371,11 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                 }
                 // Flushing only helps when it frees a good part of the cap; the dedup memory
                 // cannot be flushed (see ARCHITECTURE.md, "Memory").
-                if bytes >= args.max_state_bytes && retry_at.is_none() {
-                    if flushable >= args.max_state_bytes / 8 {
+                if bytes >= args.max_state_bytes {
+                    if retry_at.is_some() {
+                        // A flush is already failing: stop taking more until it succeeds.
+                        set_paused(&consumer, &mut paused, true, bytes);
+                    } else if flushable >= args.max_state_bytes / 8 {
                         flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
                     } else if !dedup_warned {
                         dedup_warned = true;
@@ -425,26 +428,36 @@ async fn flush_now(
     match result {
         Ok(()) => {
             *retry_at = None;
-            if *paused {
-                if let Ok(assignment) = consumer.assignment() {
-                    let _ = consumer.resume(&assignment);
-                }
-                *paused = false;
-                events::backpressure(false, bytes);
-            }
+            set_paused(consumer, paused, false, bytes);
         }
         Err(error) => {
             events::flush_failed(&error);
             *retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-            if bytes >= max_state_bytes && !*paused {
-                if let Ok(assignment) = consumer.assignment() {
-                    let _ = consumer.pause(&assignment);
-                }
-                *paused = true;
-                events::backpressure(true, bytes);
+            if bytes >= max_state_bytes {
+                set_paused(consumer, paused, true, bytes);
             }
         }
     }
+}
+
+/// Pauses or resumes fetching on every assigned partition (backpressure). librdkafka drops
+/// what it prefetched for paused partitions and refetches from the consumed position later.
+fn set_paused(consumer: &StreamConsumer<Worker>, paused: &mut bool, pause: bool, bytes: u64) {
+    if *paused == pause {
+        return;
+    }
+    if let Ok(assignment) = consumer.assignment() {
+        let result = if pause {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, pause, "cannot change the paused state of the assignment");
+        }
+    }
+    *paused = pause;
+    events::backpressure(pause, bytes);
 }
 
 /// Builds the state of a partition the first time one of its messages arrives at `offset`:
