@@ -1,6 +1,5 @@
 # One image for every topk role: `docker run topk <subcommand>`.
 FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p topk-cli --bin topk

@@ -20,7 +20,8 @@ fn scale(n: usize) -> usize {
 }
 
 struct Setup {
-    broker: DevBroker,
+    /// The in-process dev broker, or `None` on tansu.
+    broker: Option<DevBroker>,
     brokers: String,
     topic: String,
     clickhouse: topk::config::ClickHouseArgs,
@@ -36,7 +37,26 @@ async fn setup(partitions: i32) -> Setup {
     let brokers = broker.bootstrap_servers();
     let clickhouse = common::migrated_database().await;
     Setup {
-        broker,
+        broker: Some(broker),
+        brokers,
+        topic,
+        clickhouse,
+    }
+}
+
+/// The same on the durable broker the test stack runs (tansu).
+async fn setup_tansu(partitions: i32) -> Setup {
+    let brokers = common::tansu_brokers();
+    let topic = common::unique("plays");
+    let dlq = topk::config::dlq_topic(&topic);
+    topk::kafka::ensure_topics(&brokers, &[&topic, &dlq], partitions)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("tansu must run at {brokers} (TOPK_BROKER=both scripts/stack up): {e}")
+        });
+    let clickhouse = common::migrated_database().await;
+    Setup {
+        broker: None,
         brokers,
         topic,
         clickhouse,
@@ -60,26 +80,23 @@ fn spawn_worker(
     (shutdown, handle)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oracle_exact_totals_and_dead_letters() {
-    let setup = setup(4).await;
+/// Randomised traffic (duplicates, late plays, every kind of malformed message) through one
+/// worker: ClickHouse totals equal the oracle and every malformed message is dead-lettered
+/// once with its reason.
+async fn oracle_exact_totals_and_dead_letters(setup: Setup, events: usize) {
     let mut rng = workload::rng("oracle");
     let mut load = Workload::new();
-    load.add(
-        &mut rng,
-        scale(20_000),
-        workload::now_ms(),
-        Mix {
-            users: 300,
-            songs: 40,
-            dup_rate: 0.1,
-            bad_rate: 0.05,
-        },
-    );
+    let mix = Mix {
+        users: 300,
+        songs: 40,
+        dup_rate: 0.1,
+        bad_rate: 0.05,
+    };
+    load.add(&mut rng, events, workload::now_ms(), mix);
     workload::produce(&setup.brokers, &setup.topic, &load.messages).await;
 
     let (shutdown, worker) = spawn_worker(&setup, "oracle", &["--flush-interval=500ms"]);
-    workload::wait_for_total(&setup.clickhouse, load.total(), Duration::from_secs(120)).await;
+    workload::wait_for_total(&setup.clickhouse, load.total(), Duration::from_secs(180)).await;
     shutdown.cancel();
     worker.await.expect("joins").expect("clean shutdown");
 
@@ -95,6 +112,16 @@ async fn oracle_exact_totals_and_dead_letters() {
         load.dead
     );
     common::drop_database(&setup.clickhouse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_on_the_dev_broker() {
+    oracle_exact_totals_and_dead_letters(setup(4).await, scale(20_000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_on_tansu() {
+    oracle_exact_totals_and_dead_letters(setup_tansu(4).await, scale(5_000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
