@@ -420,8 +420,7 @@ mod tests {
                     }
                     next.resume_clock(resume.max_ts);
                 }
-                for offset in committed as usize..log.len() {
-                    let (ts, payload) = &log[offset];
+                for (offset, (ts, payload)) in log.iter().enumerate().skip(committed as usize) {
                     next.process(msg(offset as u64, *ts, payload));
                 }
                 next.seal();
