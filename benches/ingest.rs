@@ -46,7 +46,7 @@ async fn main() {
         .expect("dlq");
 
     eprintln!("producing {events} events to {partitions} partitions…");
-    let now = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).expect("fits") * 1000;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
     let producer = topk::kafka::producer(&brokers).expect("producer");
     let produce_started = Instant::now();
     let mut next = 0u64;
