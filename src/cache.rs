@@ -11,7 +11,10 @@ use std::time::Duration;
 use bb8_redis::RedisConnectionManager;
 use bb8_redis::redis::RedisError;
 
+use std::collections::HashMap;
+
 use crate::config::RedisArgs;
+use crate::window::{Source, TopSongs, WindowJson, rank};
 
 /// The pool of multiplexed Redis connections.
 pub type Pool = bb8::Pool<RedisConnectionManager>;
@@ -23,6 +26,8 @@ pub enum CacheError {
     Url(#[source] RedisError),
     #[error("Redis error: {0}")]
     Redis(#[from] RedisError),
+    #[error("no Redis connection available in time")]
+    PoolTimeout,
 }
 
 /// A pool for the configured Redis. Connections are opened lazily, so a Redis that is down at
@@ -43,6 +48,43 @@ pub fn songs_key(prefix: &str, user_id: u64) -> String {
 /// Key of a user's answer metadata.
 pub fn meta_key(prefix: &str, user_id: u64) -> String {
     format!("{prefix}:{{{user_id}}}:meta")
+}
+
+/// Reads a user's materialised answer: the meta hash and the sorted set in one round trip
+/// (a pipeline). `None` when the user has no meta (never computed, or expired).
+pub async fn read_top(
+    pool: &Pool,
+    prefix: &str,
+    user_id: u64,
+    limit: usize,
+) -> Result<Option<TopSongs>, CacheError> {
+    let mut conn = pool.get().await.map_err(|e| match e {
+        bb8::RunError::User(error) => CacheError::Redis(error),
+        bb8::RunError::TimedOut => CacheError::PoolTimeout,
+    })?;
+    let (meta, songs): (HashMap<String, String>, Vec<(u64, u64)>) = bb8_redis::redis::pipe()
+        .hgetall(meta_key(prefix, user_id))
+        .zrange_withscores(songs_key(prefix, user_id), 0, -1)
+        .query_async(&mut *conn)
+        .await?;
+    let (Some(computed_at), Some(start), Some(end)) = (
+        meta.get("computed_at"),
+        meta.get("window_start"),
+        meta.get("window_end"),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(TopSongs {
+        user_id,
+        window: WindowJson {
+            start: start.clone(),
+            end: end.clone(),
+        },
+        computed_at: computed_at.clone(),
+        source: Source::Cache,
+        stale: false,
+        songs: rank(songs, limit),
+    }))
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@
 //! - [`olap`]: the ClickHouse client (the source of truth for play counts).
 //! - [`migrate`]: numbered, idempotent SQL migrations from `schema/`.
 //! - [`cache`]: the Redis connection pool and key layout.
+//! - [`clock`]: the injectable clock ("now" for windows, rollups and retention).
+//! - [`window`]: the rolling 7-day window, ranking and the answer's JSON.
+//! - [`query`]: the exact top-K query over ClickHouse (single user and batch).
 //! - [`telemetry`]: tracing and the Prometheus metrics exporter.
 //! - [`shutdown`]: one cancellation token fired by SIGINT/SIGTERM.
 //!
@@ -16,10 +19,13 @@
 //! roles), `tools/*` (developer tooling) and `cli/` (the `topk` binary).
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod event;
 pub mod kafka;
 pub mod migrate;
 pub mod olap;
+pub mod query;
 pub mod shutdown;
 pub mod telemetry;
+pub mod window;

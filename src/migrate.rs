@@ -31,6 +31,21 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "flush_log",
         sql: include_str!("../schema/002_flush_log.sql"),
     },
+    Migration {
+        version: 3,
+        name: "plays_daily",
+        sql: include_str!("../schema/003_plays_daily.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "day_touches",
+        sql: include_str!("../schema/004_day_touches.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "rollup_log",
+        sql: include_str!("../schema/005_rollup_log.sql"),
+    },
 ];
 
 /// Errors applying migrations.

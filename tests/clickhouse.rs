@@ -42,7 +42,14 @@ async fn migrate_twice_leaves_the_schema_unchanged() {
         before.iter().map(|c| c.table.as_str()).collect();
     assert_eq!(
         tables.into_iter().collect::<Vec<_>>(),
-        ["flush_log", "plays_minute", "schema_migrations"]
+        [
+            "day_touches",
+            "flush_log",
+            "plays_daily",
+            "plays_minute",
+            "rollup_log",
+            "schema_migrations"
+        ]
     );
 
     let second = topk::migrate::run(&args).await.expect("second migrate");

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use topk::config::{ClickHouseArgs, KafkaArgs};
+use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +36,46 @@ enum Command {
     },
     /// Run the in-memory development Kafka broker (librdkafka's mock cluster).
     DevBroker(topk_devbroker::DevBrokerArgs),
+    /// Print a user's top songs as the API's JSON (from Redis; from ClickHouse on a miss).
+    Top {
+        /// The user.
+        user_id: u64,
+        /// How many songs (1 to 50).
+        #[arg(long, default_value_t = topk::window::DEFAULT_LIMIT, value_parser = parse_limit)]
+        limit: usize,
+        /// Compute it from ClickHouse now, bypassing Redis.
+        #[arg(long)]
+        fresh: bool,
+        #[command(flatten)]
+        clickhouse: ClickHouseArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+    /// Roll up the window's days whose daily totals are missing or out of date (once).
+    Rollup {
+        /// Roll up every full day of the window, even clean ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        clickhouse: ClickHouseArgs,
+    },
+    /// Drop the day partitions that can no longer touch the window (once).
+    Prune {
+        #[command(flatten)]
+        clickhouse: ClickHouseArgs,
+    },
+    /// Run rollups and retention periodically (a maintenance worker).
+    Maintain(topk_maintenance::MaintenanceArgs),
+}
+
+fn parse_limit(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=topk::window::MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be an integer from 1 to {}",
+            topk::window::MAX_LIMIT
+        )),
+    }
 }
 
 #[tokio::main]
@@ -80,6 +120,66 @@ async fn main() -> anyhow::Result<()> {
             topk_devbroker::run(args, shutdown)
                 .await
                 .context("dev broker failed")?;
+        }
+        Command::Top {
+            user_id,
+            limit,
+            fresh,
+            clickhouse,
+            redis,
+        } => {
+            topk::telemetry::init_logging();
+            let clock = topk::clock::SystemClock;
+            let cached = if fresh {
+                None
+            } else {
+                let pool = topk::cache::pool(&redis).context("Redis pool")?;
+                match topk::cache::read_top(&pool, &redis.prefix, user_id, limit).await {
+                    Ok(answer) => answer,
+                    Err(error) => {
+                        tracing::warn!(%error, "Redis unavailable; computing from ClickHouse");
+                        None
+                    }
+                }
+            };
+            let answer = match cached {
+                Some(answer) => answer,
+                None => {
+                    use topk::clock::Clock as _;
+                    let now = clock.now_ms();
+                    let window = topk::window::Window::at(now);
+                    let query = topk::query::TopQuery::new(topk::olap::client(&clickhouse));
+                    let songs = query
+                        .top_for_user(user_id, window, limit)
+                        .await
+                        .context("querying ClickHouse")?;
+                    topk::window::TopSongs::new(
+                        user_id,
+                        window,
+                        now,
+                        topk::window::Source::Olap,
+                        songs,
+                    )
+                }
+            };
+            println!("{}", serde_json::to_string(&answer)?);
+        }
+        Command::Rollup { all, clickhouse } => {
+            topk::telemetry::init_logging();
+            let client = topk::olap::client(&clickhouse);
+            let report = topk_maintenance::rollup(&client, &topk::clock::SystemClock, all).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Prune { clickhouse } => {
+            topk::telemetry::init_logging();
+            let client = topk::olap::client(&clickhouse);
+            let report = topk_maintenance::prune(&client, &topk::clock::SystemClock).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Maintain(args) => {
+            topk::telemetry::init(&args.telemetry).context("starting telemetry")?;
+            let shutdown = topk::shutdown::on_signals();
+            topk_maintenance::run(args, topk::clock::system(), shutdown).await;
         }
     }
     Ok(())

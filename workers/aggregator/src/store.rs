@@ -173,4 +173,32 @@ impl Store {
         insert.end().await?;
         Ok(rows)
     }
+
+    /// Records that the flush wrote counts for these UTC days (step 3 of a flush, after the
+    /// counts), so that rollups of those days are known to be out of date.
+    pub async fn write_touches(&self, batches: &[&Batch]) -> Result<(), clickhouse::error::Error> {
+        let days: std::collections::BTreeSet<u32> = batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .counts
+                    .keys()
+                    .map(|&(_, _, minute)| topk::query::day_of(minute))
+            })
+            .collect();
+        if days.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<String> = days
+            .iter()
+            .map(|&day| format!("({})", topk::query::date_literal(day)))
+            .collect();
+        self.client
+            .query(&format!(
+                "INSERT INTO day_touches (day) VALUES {}",
+                values.join(", ")
+            ))
+            .execute()
+            .await
+    }
 }

@@ -52,6 +52,8 @@ pub enum FlushError {
     Intents(#[source] clickhouse::error::Error),
     #[error("writing counts: {0}")]
     Counts(#[source] clickhouse::error::Error),
+    #[error("recording the days a flush touched: {0}")]
+    Touches(#[source] clickhouse::error::Error),
     #[error("producing to the dead-letter topic: {0}")]
     DeadLetters(#[source] KafkaError),
 }

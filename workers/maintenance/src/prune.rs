@@ -1,0 +1,103 @@
+//! Retention without TTL: drops whole day partitions that can no longer touch the window.
+//!
+//! The cut-off is one day before the window's first (partial) day. The aggregator rejects
+//! events older than its retention (8 days by default), so nothing is written below the
+//! cut-off while it is dropped.
+
+use clickhouse::Client;
+use serde::Serialize;
+use topk::clock::Clock;
+use topk::query::day_of;
+use topk::window::{DAY_SECS, Window};
+
+use crate::MaintenanceError;
+
+/// Tables partitioned by `toYYYYMMDD(<day>)`.
+const DAY_PARTITIONED: [&str; 4] = ["plays_minute", "plays_daily", "day_touches", "rollup_log"];
+
+/// What one prune round dropped: (table, partition).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    pub cutoff_yyyymmdd: u32,
+    pub dropped: Vec<(String, u32)>,
+}
+
+fn yyyymmdd(secs: u32) -> u32 {
+    let date = time::OffsetDateTime::from_unix_timestamp(i64::from(secs)).map(|t| t.date());
+    date.map(|d| {
+        d.year() as u32 * 10_000 + u32::from(u8::from(d.month())) * 100 + u32::from(d.day())
+    })
+    .unwrap_or(0)
+}
+
+/// Drops the expired partitions of every day-partitioned table, and `flush_log` months that
+/// ended before the cut-off's previous month.
+pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, MaintenanceError> {
+    let window = Window::at(clock.now_ms());
+    let cutoff = yyyymmdd(day_of(window.start).saturating_sub(DAY_SECS));
+    let mut report = PruneReport {
+        cutoff_yyyymmdd: cutoff,
+        dropped: Vec::new(),
+    };
+    for table in DAY_PARTITIONED {
+        for partition in partitions(client, table).await? {
+            if partition < cutoff {
+                drop_partition(client, table, partition).await?;
+                report.dropped.push((table.to_owned(), partition));
+            }
+        }
+    }
+    let month = cutoff / 100;
+    let previous_month = if month % 100 == 1 {
+        month - 100 + 11
+    } else {
+        month - 1
+    };
+    for partition in partitions(client, "flush_log").await? {
+        if partition < previous_month {
+            drop_partition(client, "flush_log", partition).await?;
+            report.dropped.push(("flush_log".to_owned(), partition));
+        }
+    }
+    Ok(report)
+}
+
+async fn partitions(client: &Client, table: &str) -> Result<Vec<u32>, MaintenanceError> {
+    let names: Vec<String> = client
+        .query(
+            "SELECT DISTINCT partition FROM system.parts \
+             WHERE database = currentDatabase() AND table = ? AND active",
+        )
+        .bind(table)
+        .fetch_all()
+        .await?;
+    Ok(names
+        .iter()
+        .filter_map(|p| p.trim_matches('\'').parse().ok())
+        .collect())
+}
+
+async fn drop_partition(
+    client: &Client,
+    table: &str,
+    partition: u32,
+) -> Result<(), MaintenanceError> {
+    client
+        .query(&format!("ALTER TABLE {table} DROP PARTITION {partition}"))
+        .execute()
+        .await?;
+    metrics::counter!("topk_prune_partitions_total", "table" => table.to_owned()).increment(1);
+    tracing::info!(table, partition, "partition dropped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_match_clickhouse() {
+        assert_eq!(yyyymmdd(1_795_975_230), 20_261_129);
+        assert_eq!(yyyymmdd(0), 19_700_101);
+    }
+}
