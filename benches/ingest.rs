@@ -33,7 +33,8 @@ fn unique(prefix: &str) -> String {
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let events: u64 = env_or("TOPK_BENCH_EVENTS", 1_000_000);
-    let partitions: i32 = env_or("TOPK_BENCH_PARTITIONS", 8);
+    // The dev broker keeps at most 5 MB per partition: 32 partitions hold 1M events.
+    let partitions: i32 = env_or("TOPK_BENCH_PARTITIONS", 32);
     let users: u64 = env_or("TOPK_BENCH_USERS", 100_000);
     let songs: u64 = 10_000;
 
@@ -129,7 +130,7 @@ async fn main() {
         if total >= events {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let aggregator_secs = started.elapsed().as_secs_f64();
     shutdown.cancel();

@@ -1,6 +1,7 @@
 //! Connection settings shared by every role. Each group is a `clap::Args` struct that a role
 //! flattens into its own config, so every address is a flag and a `TOPK_…` environment variable,
-//! with the defaults from the design brief.
+//! with the defaults from the design brief. Every argument has an explicit, group-prefixed id so
+//! that several groups can be flattened side by side into one subcommand.
 
 use std::net::SocketAddr;
 
@@ -9,6 +10,7 @@ use std::net::SocketAddr;
 pub struct KafkaArgs {
     /// Bootstrap servers (comma-separated host:port).
     #[arg(
+        id = "kafka_brokers",
         long = "kafka-brokers",
         env = "TOPK_KAFKA_BROKERS",
         default_value = "127.0.0.1:9092"
@@ -16,6 +18,7 @@ pub struct KafkaArgs {
     pub brokers: String,
     /// Topic the play events arrive on; malformed events go to `<topic>.dlq`.
     #[arg(
+        id = "kafka_topic",
         long = "kafka-topic",
         env = "TOPK_KAFKA_TOPIC",
         default_value = "plays"
@@ -40,6 +43,7 @@ pub fn dlq_topic(topic: &str) -> String {
 pub struct ClickHouseArgs {
     /// ClickHouse HTTP endpoint.
     #[arg(
+        id = "clickhouse_url",
         long = "clickhouse-url",
         env = "TOPK_CLICKHOUSE_URL",
         default_value = "http://127.0.0.1:8123"
@@ -47,6 +51,7 @@ pub struct ClickHouseArgs {
     pub url: String,
     /// Database holding topk's tables.
     #[arg(
+        id = "clickhouse_database",
         long = "clickhouse-database",
         env = "TOPK_CLICKHOUSE_DATABASE",
         default_value = "topk"
@@ -54,6 +59,7 @@ pub struct ClickHouseArgs {
     pub database: String,
     /// ClickHouse user.
     #[arg(
+        id = "clickhouse_user",
         long = "clickhouse-user",
         env = "TOPK_CLICKHOUSE_USER",
         default_value = "default"
@@ -61,6 +67,7 @@ pub struct ClickHouseArgs {
     pub user: String,
     /// ClickHouse password (prefer the environment variable over the flag).
     #[arg(
+        id = "clickhouse_password",
         long = "clickhouse-password",
         env = "TOPK_CLICKHOUSE_PASSWORD",
         default_value = "",
@@ -74,6 +81,7 @@ pub struct ClickHouseArgs {
 pub struct RedisArgs {
     /// Redis URL.
     #[arg(
+        id = "redis_url",
         long = "redis-url",
         env = "TOPK_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
@@ -81,6 +89,7 @@ pub struct RedisArgs {
     pub url: String,
     /// Prefix of every key topk writes (`<prefix>:{<user_id>}:songs`).
     #[arg(
+        id = "redis_prefix",
         long = "redis-prefix",
         env = "TOPK_REDIS_PREFIX",
         default_value = "topk"
@@ -88,6 +97,7 @@ pub struct RedisArgs {
     pub prefix: String,
     /// Maximum connections in the pool.
     #[arg(
+        id = "redis_pool_size",
         long = "redis-pool-size",
         env = "TOPK_REDIS_POOL_SIZE",
         default_value_t = 16
@@ -99,6 +109,6 @@ pub struct RedisArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TelemetryArgs {
     /// Address of the Prometheus `/metrics` listener of this process (none when unset).
-    #[arg(long = "metrics-addr", env = "TOPK_METRICS_ADDR")]
+    #[arg(id = "metrics_addr", long = "metrics-addr", env = "TOPK_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 }

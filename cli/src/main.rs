@@ -184,3 +184,14 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+}

@@ -6,8 +6,10 @@
 //! broker advertises that address in its metadata so clients never see the ephemeral port.
 //! Tests use [`DevBroker`] in-process instead and create their own topics with it.
 //!
-//! Data lives in memory only: it is gone when the process stops. The durable alternative is
-//! tansu (`scripts/stack` with `TOPK_BROKER=tansu`).
+//! Data lives in memory only: it is gone when the process stops. librdkafka also trims each
+//! mock partition to its last 100,000 messages or 5 MB, so a consumer that falls further behind
+//! than that loses messages: size partitions accordingly (`--partitions`). The durable
+//! alternative is tansu (`scripts/stack` with `TOPK_BROKER=tansu`).
 
 mod mock;
 

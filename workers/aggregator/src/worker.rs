@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use futures::future::join_all;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -337,52 +338,65 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                 flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
             }
             received = consumer.recv() => {
-                let message = match received {
-                    Ok(message) => message,
-                    Err(error) => {
-                        tracing::warn!(%error, "consumer error");
-                        continue;
+                // Drain what is already fetched in one go (up to a burst), so the select and
+                // its timers run once per burst rather than once per message.
+                let mut next = Some(received);
+                let mut burst = 0;
+                let mut stopping = false;
+                while let Some(received) = next.take() {
+                    let message = match received {
+                        Ok(message) => message,
+                        Err(error) => {
+                            tracing::warn!(%error, "consumer error");
+                            break;
+                        }
+                    };
+                    let partition = message.partition();
+                    let offset = u64::try_from(message.offset()).unwrap_or(0);
+                    let known = consumer.context().core().partitions.contains_key(&partition);
+                    if !known {
+                        let Some(state) = resume_partition(consumer.context(), partition, offset, &shutdown).await else {
+                            stopping = true;
+                            break;
+                        };
+                        consumer.context().core().partitions.insert(partition, state);
                     }
-                };
-                let partition = message.partition();
-                let offset = u64::try_from(message.offset()).unwrap_or(0);
-                let known = consumer.context().core().partitions.contains_key(&partition);
-                if !known {
-                    let state = resume_partition(consumer.context(), partition, offset, &shutdown).await;
-                    let Some(state) = state else { break };
-                    consumer.context().core().partitions.insert(partition, state);
-                }
-                let outcome = {
-                    let mut core = consumer.context().core();
-                    let Some(state) = core.partitions.get_mut(&partition) else { continue };
-                    state.process(view(&message))
-                };
-                events::consumed(1);
-                match outcome {
-                    Outcome::Counted => events::counted(1),
-                    Outcome::Duplicate => events::duplicate(partition, offset),
-                    Outcome::DeadLetter(reason) => events::dead_letter(partition, offset, reason),
-                }
-                let (bytes, flushable) = {
-                    let core = consumer.context().core();
-                    (core.bytes(), core.flushable_bytes())
-                };
-                processed += 1;
-                if processed % 256 == 0 {
-                    events::state_bytes(bytes);
-                }
-                // Flushing only helps when it frees a good part of the cap; the dedup memory
-                // cannot be flushed (see ARCHITECTURE.md, "Memory").
-                if bytes >= args.max_state_bytes {
-                    if retry_at.is_some() {
-                        // A flush is already failing: stop taking more until it succeeds.
-                        set_paused(&consumer, &mut paused, true, bytes);
-                    } else if flushable >= args.max_state_bytes / 8 {
-                        flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
-                    } else if !dedup_warned {
-                        dedup_warned = true;
-                        tracing::warn!(bytes, flushable, "dedup memory alone fills --max-state-bytes; raise the cap");
+                    let (outcome, bytes, flushable) = {
+                        let mut core = consumer.context().core();
+                        let Some(state) = core.partitions.get_mut(&partition) else { break };
+                        let outcome = state.process(view(&message));
+                        (outcome, core.bytes(), core.flushable_bytes())
+                    };
+                    events::consumed(1);
+                    match outcome {
+                        Outcome::Counted => events::counted(1),
+                        Outcome::Duplicate => events::duplicate(partition, offset),
+                        Outcome::DeadLetter(reason) => events::dead_letter(partition, offset, reason),
                     }
+                    processed += 1;
+                    if processed % 256 == 0 {
+                        events::state_bytes(bytes);
+                    }
+                    // Flushing only helps when it frees a good part of the cap; the dedup
+                    // memory cannot be flushed (see ARCHITECTURE.md, "Memory").
+                    if bytes >= args.max_state_bytes {
+                        if retry_at.is_some() {
+                            // A flush is already failing: stop taking more until it succeeds.
+                            set_paused(&consumer, &mut paused, true, bytes);
+                        } else if flushable >= args.max_state_bytes / 8 {
+                            flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
+                        } else if !dedup_warned {
+                            dedup_warned = true;
+                            tracing::warn!(bytes, flushable, "dedup memory alone fills --max-state-bytes; raise the cap");
+                        }
+                    }
+                    burst += 1;
+                    if burst < 1_024 && !paused {
+                        next = consumer.recv().now_or_never();
+                    }
+                }
+                if stopping {
+                    break;
                 }
             }
         }

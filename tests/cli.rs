@@ -1,0 +1,158 @@
+//! The `topk` binary's contracts: `topk top` prints the API's JSON (from ClickHouse with
+//! `--fresh` or on a cache miss, from Redis otherwise), `topk migrate`, `rollup` and `prune`
+//! print JSON reports, and bad arguments are refused with a clear error.
+
+mod common;
+
+use std::process::Output;
+
+use bb8_redis::redis::AsyncCommands;
+use topk_aggregator::batch::Batch;
+use topk_aggregator::store::Store;
+
+fn topk(
+    args: &[&str],
+    clickhouse: &topk::config::ClickHouseArgs,
+    redis: &topk::config::RedisArgs,
+) -> Output {
+    std::process::Command::new(common::topk_bin())
+        .args(args)
+        .env("TOPK_CLICKHOUSE_URL", &clickhouse.url)
+        .env("TOPK_CLICKHOUSE_DATABASE", &clickhouse.database)
+        .env("TOPK_REDIS_URL", &redis.url)
+        .env("TOPK_REDIS_PREFIX", &redis.prefix)
+        .output()
+        .expect("topk runs")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "topk failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is JSON")
+}
+
+#[tokio::test]
+async fn top_prints_the_api_json_from_clickhouse_then_from_redis() {
+    let clickhouse = common::clickhouse_args(&common::unique("topk_cli"));
+    let redis = common::redis_args();
+    let migrated = json(&topk(&["migrate"], &clickhouse, &redis));
+    assert_eq!(migrated["applied"], serde_json::json!([1, 2, 3, 4, 5]));
+
+    let now_minute = topk::window::Window::at(common::workload::now_ms()).end - 60;
+    let mut batch = Batch::open(0, 0, 0, None);
+    batch.end_offset = 1;
+    for (song, plays) in [(7u64, 31u64), (9, 12), (3, 12), (5, 1)] {
+        batch.counts.insert((42, song, now_minute - 3_600), plays);
+    }
+    let store = Store::new(topk::olap::client(&clickhouse), "plays");
+    store.write_counts(&[&batch]).await.expect("counts");
+    store.write_touches(&[&batch]).await.expect("touches");
+
+    let fresh = json(&topk(
+        &["top", "42", "--limit", "3", "--fresh"],
+        &clickhouse,
+        &redis,
+    ));
+    assert_eq!(fresh["user_id"], 42);
+    assert_eq!(fresh["source"], "olap");
+    assert_eq!(fresh["stale"], false);
+    assert_eq!(
+        fresh["songs"],
+        serde_json::json!([
+            {"rank": 1, "song_id": 7, "plays": 31},
+            {"rank": 2, "song_id": 3, "plays": 12},
+            {"rank": 3, "song_id": 9, "plays": 12},
+        ])
+    );
+    let start = fresh["window"]["start"].as_str().expect("start");
+    let end = fresh["window"]["end"].as_str().expect("end");
+    assert!(
+        start.ends_with(":00Z") && end.ends_with(":00Z"),
+        "{start} {end}"
+    );
+
+    // Nothing cached yet: the default path falls back to ClickHouse too.
+    assert_eq!(
+        json(&topk(&["top", "42"], &clickhouse, &redis))["source"],
+        "olap"
+    );
+    // A user without plays gets an empty list.
+    assert_eq!(
+        json(&topk(&["top", "43", "--fresh"], &clickhouse, &redis))["songs"],
+        serde_json::json!([])
+    );
+
+    // Cached: the answer comes from the two keys of the contract.
+    let pool = topk::cache::pool(&redis).expect("pool");
+    let mut conn = pool.get().await.expect("redis");
+    let songs_key = topk::cache::songs_key(&redis.prefix, 42);
+    let meta_key = topk::cache::meta_key(&redis.prefix, 42);
+    let _: () = conn
+        .zadd_multiple(&songs_key, &[(2, 4), (1, 5)]) // (score = plays, member = song_id)
+        .await
+        .expect("zadd");
+    let _: () = conn
+        .hset_multiple(
+            &meta_key,
+            &[
+                ("computed_at", "2026-11-29T18:00:30Z"),
+                ("window_start", start),
+                ("window_end", end),
+            ],
+        )
+        .await
+        .expect("hset");
+    let cached = json(&topk(&["top", "42"], &clickhouse, &redis));
+    assert_eq!(cached["source"], "cache");
+    assert_eq!(cached["computed_at"], "2026-11-29T18:00:30Z");
+    assert_eq!(
+        cached["songs"],
+        serde_json::json!([{"rank": 1, "song_id": 4, "plays": 2}, {"rank": 2, "song_id": 5, "plays": 1}])
+    );
+    assert_eq!(
+        json(&topk(&["top", "42", "--fresh"], &clickhouse, &redis))["source"],
+        "olap",
+        "--fresh bypasses Redis"
+    );
+    let _: () = conn.del(&[&songs_key, &meta_key]).await.expect("del");
+
+    let rollup = json(&topk(&["rollup"], &clickhouse, &redis));
+    assert_eq!(
+        rollup["days"].as_array().map(Vec::len),
+        Some(
+            topk::window::Window::at(common::workload::now_ms())
+                .full_days()
+                .count()
+        )
+    );
+    assert!(
+        json(&topk(&["prune"], &clickhouse, &redis))["dropped"]
+            .as_array()
+            .is_some()
+    );
+    common::drop_database(&clickhouse).await;
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    let clickhouse = common::clickhouse_args("topk");
+    let redis = common::redis_args();
+    for (args, needle) in [
+        (&["top", "42", "--limit", "51"][..], "from 1 to 50"),
+        (&["top", "42", "--limit", "0"][..], "from 1 to 50"),
+        (&["top", "-1"][..], "unexpected argument"),
+        (&["top", "abc"][..], "invalid digit"),
+        (
+            &["aggregate", "--flush-interval", "soon"][..],
+            "flush-interval",
+        ),
+    ] {
+        let output = topk(args, &clickhouse, &redis);
+        assert_eq!(output.status.code(), Some(2), "{args:?} must be refused");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
