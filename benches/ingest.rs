@@ -31,7 +31,8 @@ fn unique(prefix: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; nothing else to parse.
+    // `cargo bench` passes `--bench`; nothing else to parse. Logs follow RUST_LOG.
+    topk::telemetry::init_logging();
     let events: u64 = env_or("TOPK_BENCH_EVENTS", 1_000_000);
     // The dev broker keeps at most 5 MB per partition: 32 partitions hold 1M events.
     let partitions: i32 = env_or("TOPK_BENCH_PARTITIONS", 32);
