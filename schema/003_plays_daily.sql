@@ -13,5 +13,6 @@ CREATE TABLE IF NOT EXISTS plays_daily
     version UInt64
 )
 ENGINE = ReplacingMergeTree(version)
-PARTITION BY toYYYYMMDD(day)
-ORDER BY (user_id, day, song_id);
+PARTITION BY toYYYYMM(day)
+ORDER BY (user_id, day, song_id)
+SETTINGS index_granularity = 1024;

@@ -13,7 +13,9 @@ use topk::window::{DAY_SECS, Window};
 use crate::MaintenanceError;
 
 /// Tables partitioned by `toYYYYMMDD(<day>)`.
-const DAY_PARTITIONED: [&str; 4] = ["plays_minute", "plays_daily", "day_touches", "rollup_log"];
+const DAY_PARTITIONED: [&str; 3] = ["plays_minute", "day_touches", "rollup_log"];
+/// Tables partitioned by `toYYYYMM(<day>)`: a month goes once all of it is below the cut-off.
+const MONTH_PARTITIONED: [&str; 1] = ["plays_daily"];
 
 /// What one prune round dropped: (table, partition).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -30,8 +32,9 @@ fn yyyymmdd(secs: u32) -> u32 {
     .unwrap_or(0)
 }
 
-/// Drops the expired partitions of every day-partitioned table, and `flush_log` months that
-/// ended before the cut-off's previous month.
+/// Drops the expired partitions of every day-partitioned table, `plays_daily` months that
+/// ended before the cut-off, and `flush_log` months that ended before the cut-off's previous
+/// month.
 pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, MaintenanceError> {
     let window = Window::at(clock.now_ms());
     let cutoff = yyyymmdd(day_of(window.start).saturating_sub(DAY_SECS));
@@ -48,6 +51,14 @@ pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, Ma
         }
     }
     let month = cutoff / 100;
+    for table in MONTH_PARTITIONED {
+        for partition in partitions(client, table).await? {
+            if partition < month {
+                drop_partition(client, table, partition).await?;
+                report.dropped.push((table.to_owned(), partition));
+            }
+        }
+    }
     let previous_month = if month % 100 == 1 {
         month - 100 + 11
     } else {
