@@ -36,6 +36,8 @@ enum Command {
     },
     /// Run the in-memory development Kafka broker (librdkafka's mock cluster).
     DevBroker(topk_devbroker::DevBrokerArgs),
+    /// Produce listening traffic (Zipf songs and users, late, duplicate and malformed events).
+    Loadgen(topk_loadgen::LoadgenArgs),
     /// Print a user's top songs as the API's JSON (from Redis; from ClickHouse on a miss).
     Top {
         /// The user.
@@ -120,6 +122,17 @@ async fn main() -> anyhow::Result<()> {
             topk_devbroker::run(args, shutdown)
                 .await
                 .context("dev broker failed")?;
+        }
+        Command::Loadgen(args) => {
+            topk::telemetry::init_logging();
+            let shutdown = topk::shutdown::on_signals();
+            let sent = topk_loadgen::run(args, shutdown)
+                .await
+                .context("load generator failed")?;
+            println!(
+                "{}",
+                serde_json::json!({"plays": sent.plays, "duplicates": sent.duplicates, "malformed": sent.malformed})
+            );
         }
         Command::Top {
             user_id,
