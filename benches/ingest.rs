@@ -113,7 +113,12 @@ async fn main() {
             format!("--clickhouse-url={}", clickhouse.url),
             format!("--clickhouse-database={}", clickhouse.database),
             format!("--group={}", unique("bench_aggregator")),
-            "--flush-interval=1s".to_owned(),
+            // A short interval keeps the end of the run (waiting for the last flush) from
+            // dominating a run of a few seconds.
+            format!(
+                "--flush-interval={}",
+                std::env::var("TOPK_BENCH_FLUSH").unwrap_or_else(|_| "250ms".into())
+            ),
             format!("--max-state-bytes={}", 4u64 << 30),
         ])
         .args
@@ -131,7 +136,7 @@ async fn main() {
         if total >= events {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let aggregator_secs = started.elapsed().as_secs_f64();
     shutdown.cancel();

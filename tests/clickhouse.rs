@@ -71,7 +71,7 @@ async fn counts_written_twice_read_back_once() {
     let args = common::migrated_database().await;
     let store = Store::new(topk::olap::client(&args), "plays");
     let minute = 1_764_432_000;
-    let mut counts = Counts::new();
+    let mut counts = Counts::default();
     counts.insert((42, 7, minute), 3);
     counts.insert((42, 7, minute + 60), 2);
     counts.insert((42, 9, minute), 1);

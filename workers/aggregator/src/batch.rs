@@ -13,8 +13,8 @@ use topk::event::Rejection;
 /// Bytes one counted (user, song, minute) cell costs, counted against `--max-state-bytes`.
 pub const BYTES_PER_CELL: u64 = 64;
 
-/// Per-(user, song, minute) counts.
-pub type Counts = HashMap<(u64, u64, u32), u64>;
+/// Per-(user, song, minute) counts (foldhash: this map is updated once per event).
+pub type Counts = HashMap<(u64, u64, u32), u64, foldhash::fast::RandomState>;
 
 /// A message that is not a countable play, bound for `<topic>.dlq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,7 @@ impl Batch {
             end_offset: start_offset,
             first_ts,
             max_ts: first_ts,
-            counts: Counts::new(),
+            counts: Counts::default(),
             dead_letters: Vec::new(),
             dead_letter_bytes: 0,
             counted: 0,

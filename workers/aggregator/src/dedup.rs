@@ -6,11 +6,13 @@
 //! is a duplicate when an earlier valid message of the same partition carried the same
 //! `event_id` at an effective time no more than `window_ms` before its own.
 //!
-//! Ids are kept as 128-bit hashes (16 bytes each, whatever the id's length); a collision would
-//! need ~2^64 ids in memory at once.
+//! Ids are kept as 128-bit XXH3 fingerprints (16 bytes each, whatever the id's length); a
+//! collision would need ~2^64 ids in memory at once. The map itself uses foldhash (fast, seeded
+//! per process): the hot path hashes every event twice, so SipHash's cost showed.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Bytes one remembered id costs, counted against `--max-state-bytes`.
 pub const BYTES_PER_ID: u64 = 80;
@@ -20,7 +22,7 @@ pub const BYTES_PER_ID: u64 = 80;
 pub struct DedupMemory {
     window_ms: i64,
     /// Latest effective time each id was seen at.
-    latest: HashMap<u128, i64>,
+    latest: FastMap<u128, i64>,
     /// Every sighting, oldest first: (effective time, offset, id). Effective time is
     /// non-decreasing along the log, so eviction is a pop from the front.
     sightings: VecDeque<(i64, u64, u128)>,
@@ -37,7 +39,7 @@ impl DedupMemory {
     pub fn new(window_ms: i64) -> Self {
         DedupMemory {
             window_ms,
-            latest: HashMap::new(),
+            latest: FastMap::default(),
             sightings: VecDeque::new(),
         }
     }
@@ -92,15 +94,7 @@ impl DedupMemory {
 }
 
 fn id_hash(event_id: &str) -> u128 {
-    // Two independently salted SipHash-1-3 runs; `DefaultHasher::new` uses fixed keys, so
-    // the same id hashes the same in every process built by the same compiler.
-    let half = |salt: u8| {
-        let mut hasher = DefaultHasher::new();
-        salt.hash(&mut hasher);
-        event_id.hash(&mut hasher);
-        hasher.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
+    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
 }
 
 #[cfg(test)]
