@@ -26,12 +26,6 @@ pub enum QueryError {
 }
 
 #[derive(Debug, Row, Deserialize)]
-struct SongPlays {
-    song_id: u64,
-    plays: u64,
-}
-
-#[derive(Debug, Row, Deserialize)]
 struct UserSongPlays {
     user_id: u64,
     song_id: u64,
@@ -135,17 +129,8 @@ impl TopQuery {
         window: Window,
         limit: usize,
     ) -> Result<Vec<RankedSong>, QueryError> {
-        let clean = self.clean_days(window).await?;
-        let inner = Self::window_rows_sql(window, &clean, &user_id.to_string());
-        let sql = format!(
-            "SELECT song_id, sum(plays) AS plays FROM ({inner}) \
-             GROUP BY song_id ORDER BY plays DESC, song_id ASC LIMIT {limit}"
-        );
-        let rows: Vec<SongPlays> = self.client.query(&sql).fetch_all().await?;
-        Ok(rank(
-            rows.into_iter().map(|r| (r.song_id, r.plays)).collect(),
-            limit,
-        ))
+        let mut answers = self.top_for_users(&[user_id], window, limit).await?;
+        Ok(answers.remove(&user_id).unwrap_or_default())
     }
 
     /// Top `limit` songs of each of `users` in `window`, in one round trip. Users without plays

@@ -219,13 +219,12 @@ impl PartitionState {
 
     /// Estimated heap bytes: batches plus dedup memory.
     pub fn bytes(&self) -> u64 {
-        let batches: u64 = self
-            .open
-            .iter()
-            .chain(self.sealed.iter())
-            .map(Batch::bytes)
-            .sum();
-        batches + self.dedup.bytes()
+        self.flushable_bytes() + self.dedup_bytes()
+    }
+
+    /// Bytes of the dedup memory (not freed by a flush).
+    pub fn dedup_bytes(&self) -> u64 {
+        self.dedup.bytes()
     }
 
     /// Bytes a flush can free (everything but the dedup memory).

@@ -76,14 +76,17 @@ struct Core {
 
 impl Core {
     fn bytes(&self) -> u64 {
-        self.partitions.values().map(PartitionState::bytes).sum()
+        self.sizes().0
     }
 
-    fn flushable_bytes(&self) -> u64 {
+    /// (all state, what a flush can free) in one pass over the partitions.
+    fn sizes(&self) -> (u64, u64) {
         self.partitions
             .values()
-            .map(PartitionState::flushable_bytes)
-            .sum()
+            .fold((0, 0), |(all, flushable), state| {
+                let batches = state.flushable_bytes();
+                (all + batches + state.dedup_bytes(), flushable + batches)
+            })
     }
 }
 
@@ -365,7 +368,8 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                         let mut core = consumer.context().core();
                         let Some(state) = core.partitions.get_mut(&partition) else { break };
                         let outcome = state.process(view(&message));
-                        (outcome, core.bytes(), core.flushable_bytes())
+                        let (bytes, flushable) = core.sizes();
+                        (outcome, bytes, flushable)
                     };
                     events::consumed(1);
                     match outcome {

@@ -42,32 +42,23 @@ pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, Ma
         cutoff_yyyymmdd: cutoff,
         dropped: Vec::new(),
     };
-    for table in DAY_PARTITIONED {
-        for partition in partitions(client, table).await? {
-            if partition < cutoff {
-                drop_partition(client, table, partition).await?;
-                report.dropped.push((table.to_owned(), partition));
-            }
-        }
-    }
     let month = cutoff / 100;
-    for table in MONTH_PARTITIONED {
-        for partition in partitions(client, table).await? {
-            if partition < month {
-                drop_partition(client, table, partition).await?;
-                report.dropped.push((table.to_owned(), partition));
-            }
-        }
-    }
     let previous_month = if month % 100 == 1 {
         month - 100 + 11
     } else {
         month - 1
     };
-    for partition in partitions(client, "flush_log").await? {
-        if partition < previous_month {
-            drop_partition(client, "flush_log", partition).await?;
-            report.dropped.push(("flush_log".to_owned(), partition));
+    let bounds = DAY_PARTITIONED
+        .iter()
+        .map(|table| (*table, cutoff))
+        .chain(MONTH_PARTITIONED.iter().map(|table| (*table, month)))
+        .chain([("flush_log", previous_month)]);
+    for (table, bound) in bounds {
+        for partition in partitions(client, table).await? {
+            if partition < bound {
+                drop_partition(client, table, partition).await?;
+                report.dropped.push((table.to_owned(), partition));
+            }
         }
     }
     Ok(report)
