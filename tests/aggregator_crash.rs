@@ -49,12 +49,7 @@ fn start_worker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
-    let topic = common::unique("plays");
-    broker.create_topic(&topic, 4).expect("topic");
-    broker
-        .create_topic(&topk::config::dlq_topic(&topic), 4)
-        .expect("dlq topic");
+    let (broker, topic) = common::dev_broker(4);
     let brokers = broker.bootstrap_servers();
     let clickhouse = common::migrated_database().await;
     let logs = tempfile::tempdir().expect("log dir");
@@ -69,12 +64,8 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
 
     let kills = if scale() > 1 { 30 } else { 12 };
     for round in 0..kills {
-        let mut part = Workload::new();
-        part.add(&mut rng, 1_500 * scale(), workload::now_ms(), mix);
-        workload::produce(&brokers, &topic, &part.messages).await;
-        for (key, plays) in part.truth {
-            *load.truth.entry(key).or_default() += plays;
-        }
+        let added = load.add(&mut rng, 1_500 * scale(), workload::now_ms(), mix);
+        workload::produce(&brokers, &topic, &load.messages[added]).await;
         // Every other worker sleeps between its writes and its commit, so that most kills of
         // those land inside that window.
         let extra: &[&str] = if round % 2 == 0 {

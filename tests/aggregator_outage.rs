@@ -76,12 +76,7 @@ async fn clickhouse_outage_is_backpressure_not_loss() {
     clickhouse.url = format!("http://127.0.0.1:{http_port}");
     topk::migrate::run(&clickhouse).await.expect("migrate");
 
-    let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
-    let topic = common::unique("plays");
-    broker.create_topic(&topic, 4).expect("topic");
-    broker
-        .create_topic(&topk::config::dlq_topic(&topic), 4)
-        .expect("dlq");
+    let (broker, topic) = common::dev_broker(4);
     let brokers = broker.bootstrap_servers();
 
     let args = common::aggregator_args(
@@ -115,12 +110,8 @@ async fn clickhouse_outage_is_backpressure_not_loss() {
     let mut max_state = 0f64;
     let mut paused_seen = false;
     for _ in 0..20 {
-        let mut part = Workload::new();
-        part.add(&mut rng, 5_000, workload::now_ms(), mix);
-        workload::produce(&brokers, &topic, &part.messages).await;
-        for (key, plays) in part.truth {
-            *load.truth.entry(key).or_default() += plays;
-        }
+        let added = load.add(&mut rng, 5_000, workload::now_ms(), mix);
+        workload::produce(&brokers, &topic, &load.messages[added]).await;
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(60)).await;
             observe(&snapshotter, &mut max_state, &mut paused_seen);

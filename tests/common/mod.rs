@@ -63,6 +63,18 @@ pub fn tansu_brokers() -> String {
     env_or("TOPK_TEST_TANSU_BROKERS", "127.0.0.1:9093")
 }
 
+/// An in-process dev broker with a fresh topic of `partitions` partitions and its dead-letter
+/// topic; returns the broker (alive as long as the value) and the topic name.
+pub fn dev_broker(partitions: i32) -> (topk_devbroker::DevBroker, String) {
+    let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
+    let topic = unique("plays");
+    broker.create_topic(&topic, partitions).expect("topic");
+    broker
+        .create_topic(&topk::config::dlq_topic(&topic), partitions)
+        .expect("dlq topic");
+    (broker, topic)
+}
+
 /// Kafka settings for `brokers` and a fresh topic name.
 pub fn kafka_args(brokers: &str) -> KafkaArgs {
     KafkaArgs {

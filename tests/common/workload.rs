@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -44,7 +45,9 @@ impl Workload {
 
     /// Adds `n` messages around `now_ms`: valid plays spread over the past 7 days (late ones
     /// included), `dup_rate` of them sent twice, `bad_rate` malformed messages of every kind.
-    pub fn add(&mut self, rng: &mut StdRng, n: usize, now_ms: i64, mix: Mix) {
+    /// Returns where the new messages are in `messages` (to produce just those).
+    pub fn add(&mut self, rng: &mut StdRng, n: usize, now_ms: i64, mix: Mix) -> Range<usize> {
+        let first = self.messages.len();
         let Mix {
             users,
             songs,
@@ -87,6 +90,7 @@ impl Workload {
             self.messages.push(message);
             *self.truth.entry((user, song)).or_default() += 1;
         }
+        first..self.messages.len()
     }
 
     /// Total plays the aggregator must count.
