@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 use clickhouse::{Client, Row};
 use serde::Deserialize;
@@ -64,10 +65,20 @@ fn id_list(ids: &[u64]) -> String {
     out
 }
 
+/// A full day answered by its daily rollup, and the rollup version that makes it clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+pub struct CleanDay {
+    /// Start of the UTC day, seconds since the epoch.
+    pub day: u32,
+    pub version: u64,
+}
+
 /// The exact top-K query.
 #[derive(Clone)]
 pub struct TopQuery {
     client: Client,
+    /// Clean days found by the latest lookup, the guess for the next query (shared by clones).
+    last_clean: Arc<Mutex<Vec<CleanDay>>>,
 }
 
 impl std::fmt::Debug for TopQuery {
@@ -78,47 +89,69 @@ impl std::fmt::Debug for TopQuery {
 
 impl TopQuery {
     pub fn new(client: Client) -> Self {
-        TopQuery { client }
+        TopQuery {
+            client,
+            last_clean: Arc::default(),
+        }
     }
 
-    /// Full days of `window` whose daily rollup is current (no flush touched the day after the
-    /// start of its latest rollup). Ascending.
-    pub async fn clean_days(&self, window: Window) -> Result<Vec<u32>, QueryError> {
+    /// Full days of `window` whose daily rollup is current, with the version of that rollup:
+    /// the latest rollup of the day (highest version, the rows FINAL shows) started after every
+    /// flush that touched the day. Ascending. One scan over both small logs: a UNION ALL with
+    /// GROUP BY costs a third less than joining them on ClickHouse 18.16.
+    pub async fn clean_days(&self, window: Window) -> Result<Vec<CleanDay>, QueryError> {
         let days: Vec<u32> = window.full_days().collect();
         let (Some(&first), Some(&last)) = (days.first(), days.last()) else {
             return Ok(Vec::new());
         };
         let (first, last) = (date_literal(first), date_literal(last));
         let sql = format!(
-            "SELECT toUInt32(toDateTime(day)) AS day_start FROM \
-               (SELECT day, max(started_at) AS rolled FROM rollup_log \
-                WHERE day >= {first} AND day <= {last} GROUP BY day) \
-             ANY LEFT JOIN \
-               (SELECT day, max(touched_at) AS touched FROM day_touches \
-                WHERE day >= {first} AND day <= {last} GROUP BY day) \
-             USING day \
-             WHERE touched < rolled ORDER BY day_start"
+            "SELECT toUInt32(toDateTime(day)) AS day_start, max(v) AS version FROM \
+               (SELECT day, version AS v, started_at AS rolled, toDateTime(0) AS touched \
+                FROM rollup_log WHERE day >= {first} AND day <= {last} \
+                UNION ALL \
+                SELECT day, toUInt64(0), toDateTime(0), touched_at \
+                FROM day_touches WHERE day >= {first} AND day <= {last}) \
+             GROUP BY day HAVING max(touched) < argMax(rolled, v) ORDER BY day_start"
         );
-        Ok(self.client.query(&sql).fetch_all::<u32>().await?)
+        Ok(self.client.query(&sql).fetch_all::<CleanDay>().await?)
     }
 
-    /// The inner SELECT of (user, song, plays) rows of the window for the users in `users_sql`.
-    fn window_rows_sql(window: Window, clean_days: &[u32], users_sql: &str) -> String {
-        let (start, end) = (window.start, window.end);
+    /// The inner SELECT of (user, song, plays) rows of the window for the users in `users_sql`:
+    /// clean days from `plays_daily`, every other minute from `plays_minute`. The minute rows
+    /// are selected by explicit time ranges so ClickHouse prunes the day partitions the rollup
+    /// answers (a `NOT IN` on the day would read them all).
+    fn window_rows_sql(window: Window, clean: &[CleanDay], users_sql: &str) -> String {
+        let clean_days: Vec<u32> = clean.iter().map(|c| c.day).collect();
+        let ranges = minute_ranges(window, &clean_days)
+            .iter()
+            .map(|(from, to)| {
+                format!("(minute >= toDateTime({from}) AND minute < toDateTime({to}))")
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
         let minutes = format!(
             "SELECT user_id, song_id, plays FROM plays_minute FINAL \
-             WHERE user_id IN ({users_sql}) \
-               AND minute >= toDateTime({start}) AND minute < toDateTime({end})"
+             WHERE user_id IN ({users_sql}) AND ({ranges})"
         );
         if clean_days.is_empty() {
             return minutes;
         }
-        let days = date_list(clean_days);
+        let days = date_list(&clean_days);
         format!(
             "SELECT user_id, song_id, plays FROM plays_daily FINAL \
              WHERE user_id IN ({users_sql}) AND day IN ({days}) \
-             UNION ALL \
-             {minutes} AND toDate(minute) NOT IN ({days})"
+             UNION ALL {minutes}"
+        )
+    }
+
+    /// The top-K SQL over the window's rows.
+    fn top_sql(window: Window, clean_days: &[CleanDay], users: &[u64], limit: usize) -> String {
+        let inner = Self::window_rows_sql(window, clean_days, &id_list(users));
+        format!(
+            "SELECT user_id, song_id, sum(plays) AS plays FROM ({inner}) \
+             GROUP BY user_id, song_id \
+             ORDER BY user_id ASC, plays DESC, song_id ASC LIMIT {limit} BY user_id"
         )
     }
 
@@ -146,14 +179,24 @@ impl TopQuery {
         if users.is_empty() {
             return Ok(answers);
         }
-        let clean = self.clean_days(window).await?;
-        let inner = Self::window_rows_sql(window, &clean, &id_list(users));
-        let sql = format!(
-            "SELECT user_id, song_id, sum(plays) AS plays FROM ({inner}) \
-             GROUP BY user_id, song_id \
-             ORDER BY user_id ASC, plays DESC, song_id ASC LIMIT {limit} BY user_id"
-        );
-        let rows: Vec<UserSongPlays> = self.client.query(&sql).fetch_all().await?;
+        // The clean-days lookup and the main query run side by side: the main query assumes
+        // the clean days (and their rollup versions) of the previous lookup. If the lookup
+        // confirms exactly those, the answer is what a lookup-then-query would have given;
+        // otherwise the query runs again with what was just found. Latency is the longer of
+        // the two round trips instead of their sum. Why that is exact: ARCHITECTURE.md.
+        let assumed = self.assumed_clean_days(window);
+        let (clean, rows) = tokio::try_join!(
+            self.clean_days(window),
+            self.fetch_rows(window, &assumed, users, limit)
+        )?;
+        let rows = if clean == assumed {
+            rows
+        } else {
+            self.fetch_rows(window, &clean, users, limit).await?
+        };
+        if let Ok(mut last) = self.last_clean.lock() {
+            *last = clean;
+        }
         let mut grouped: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
         for row in rows {
             grouped
@@ -167,6 +210,26 @@ impl TopQuery {
         Ok(answers)
     }
 
+    async fn fetch_rows(
+        &self,
+        window: Window,
+        clean_days: &[CleanDay],
+        users: &[u64],
+        limit: usize,
+    ) -> Result<Vec<UserSongPlays>, QueryError> {
+        let sql = Self::top_sql(window, clean_days, users, limit);
+        Ok(self.client.query(&sql).fetch_all().await?)
+    }
+
+    /// The full days of `window` that were clean at the previous lookup.
+    fn assumed_clean_days(&self, window: Window) -> Vec<CleanDay> {
+        let Ok(last) = self.last_clean.lock() else {
+            return Vec::new();
+        };
+        let full: Vec<u32> = window.full_days().collect();
+        last.iter().copied().filter(|c| full.contains(&c.day)).collect()
+    }
+
     /// Every user with at least one play in `window`, ascending (for warm-up).
     pub async fn users_in_window(&self, window: Window) -> Result<Vec<u64>, QueryError> {
         let (start, end) = (window.start, window.end);
@@ -176,6 +239,23 @@ impl TopQuery {
         );
         Ok(self.client.query(&sql).fetch_all::<u64>().await?)
     }
+}
+
+/// The parts of `window` not covered by `clean_days` (ascending, inside the window), as
+/// `[from, to)` second ranges with neighbours merged.
+fn minute_ranges(window: Window, clean_days: &[u32]) -> Vec<(u32, u32)> {
+    let mut ranges = Vec::new();
+    let mut from = window.start;
+    for &day in clean_days {
+        if day > from {
+            ranges.push((from, day));
+        }
+        from = from.max(day + DAY_SECS);
+    }
+    if from < window.end {
+        ranges.push((from, window.end));
+    }
+    ranges
 }
 
 /// Start of the UTC day containing `secs`.
@@ -192,5 +272,28 @@ mod tests {
         assert_eq!(date_literal(1_795_910_400), "'2026-11-29'");
         assert_eq!(id_list(&[1, 22, 333]), "1, 22, 333");
         assert_eq!(day_of(1_795_975_230), 1_795_910_400);
+    }
+
+    #[test]
+    fn minute_ranges_cover_exactly_what_the_clean_days_do_not() {
+        let day = 1_795_910_400; // 2026-11-29 00:00 UTC
+        let window = Window::at(i64::from(day + 3_600) * 1000);
+        let full: Vec<u32> = window.full_days().collect();
+        assert_eq!(full.len(), 6);
+        assert_eq!(minute_ranges(window, &[]), vec![(window.start, window.end)]);
+        assert_eq!(
+            minute_ranges(window, &full),
+            vec![(window.start, full[0]), (day, window.end)]
+        );
+        // A dirty day in the middle is read from minute rows.
+        let clean = [full[0], full[1], full[3], full[4], full[5]];
+        assert_eq!(
+            minute_ranges(window, &clean),
+            vec![
+                (window.start, full[0]),
+                (full[2], full[3]),
+                (day, window.end)
+            ]
+        );
     }
 }

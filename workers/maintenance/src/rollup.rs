@@ -31,7 +31,7 @@ pub async fn rollup(
     let clean = TopQuery::new(client.clone()).clean_days(window).await?;
     let mut report = RollupReport::default();
     for day in window.full_days() {
-        if !force && clean.contains(&day) {
+        if !force && clean.iter().any(|c| c.day == day) {
             continue;
         }
         let rows = rollup_day(client, day).await?;
