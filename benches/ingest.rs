@@ -7,9 +7,12 @@
 //! TOPK_BENCH_EVENTS=200000 cargo bench --bench ingest
 //! ```
 //!
-//! Both sides start from a fresh consumer group and stop when every event is consumed (the
-//! baseline) or counted in ClickHouse (the aggregator: flushed and committed), so both include
-//! the group join. Prints one JSON line with both rates and their ratio.
+//! Each round runs both sides from a fresh consumer group until every event is consumed (the
+//! baseline) or counted in ClickHouse (the aggregator: flushed and committed); rounds alternate
+//! the two so that a noisy neighbour hits both alike. Two rates per side: end to end (group join
+//! and start-up included) and steady (from the first event seen, or the first counts in
+//! ClickHouse, to the last). Prints one JSON line with every round and the median ratios
+//! (`TOPK_BENCH_ROUNDS`, default 3).
 
 use std::time::{Duration, Instant};
 
@@ -78,20 +81,91 @@ async fn main() {
     let produce_secs = produce_started.elapsed().as_secs_f64();
 
     // Baseline: consume and discard.
-    let consumer = topk::kafka::consumer(&brokers, &unique("bench_baseline")).expect("consumer");
-    consumer.subscribe(&[&topic]).expect("subscribe");
+    let rounds: usize = env_or("TOPK_BENCH_ROUNDS", 3);
+    let mut results = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let baseline = baseline_round(&brokers, &topic, events).await;
+        let aggregator = aggregator_round(&brokers, &topic, events).await;
+        eprintln!(
+            "round {round}: baseline {:.0} ev/s steady ({:.0} end to end), aggregator {:.0} ev/s steady ({:.0} end to end)",
+            baseline.steady, baseline.end_to_end, aggregator.steady, aggregator.end_to_end
+        );
+        results.push((baseline, aggregator));
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let ratio =
+        |pick: fn(&Rates) -> f64| median(results.iter().map(|(b, a)| pick(a) / pick(b)).collect());
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "benchmark": "ingest",
+            "events": events,
+            "partitions": partitions,
+            "rounds": rounds,
+            "produce_events_per_s": (events as f64 / produce_secs).round(),
+            "baseline_consume_discard_events_per_s": {
+                "steady": results.iter().map(|(b, _)| b.steady.round()).collect::<Vec<_>>(),
+                "end_to_end": results.iter().map(|(b, _)| b.end_to_end.round()).collect::<Vec<_>>(),
+            },
+            "aggregator_into_clickhouse_events_per_s": {
+                "steady": results.iter().map(|(_, a)| a.steady.round()).collect::<Vec<_>>(),
+                "end_to_end": results.iter().map(|(_, a)| a.end_to_end.round()).collect::<Vec<_>>(),
+            },
+            "median_ratio_aggregator_to_baseline": {
+                "steady": round3(ratio(|r| r.steady)),
+                "end_to_end": round3(ratio(|r| r.end_to_end)),
+            },
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        })
+    );
+}
+
+/// Rates of one side of a round: `end_to_end` from the start (group join included) to the
+/// last event, `steady` from the first event seen to the last (start-up excluded).
+struct Rates {
+    end_to_end: f64,
+    steady: f64,
+}
+
+impl Rates {
+    fn new(events: u64, started: Instant, first: Option<(Instant, u64)>, done: Instant) -> Self {
+        let end_to_end = events as f64 / (done - started).as_secs_f64();
+        let steady = match first {
+            Some((at, seen)) if done > at && events > seen => {
+                (events - seen) as f64 / (done - at).as_secs_f64()
+            }
+            _ => end_to_end,
+        };
+        Rates { end_to_end, steady }
+    }
+}
+
+/// Consume-and-discard with a fresh group: the most a consumer of this broker can do here.
+async fn baseline_round(brokers: &str, topic: &str, events: u64) -> Rates {
+    let consumer = topk::kafka::consumer(brokers, &unique("bench_baseline")).expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
     let started = Instant::now();
+    let mut first = None;
     let mut seen = 0u64;
     while seen < events {
         let message = consumer.recv().await.expect("message");
         std::hint::black_box(&message);
         seen += 1;
+        if first.is_none() {
+            first = Some((Instant::now(), 1));
+        }
     }
-    let baseline_secs = started.elapsed().as_secs_f64();
-    drop(consumer);
+    Rates::new(events, started, first, Instant::now())
+}
 
-    // The aggregator, into a fresh database.
-    let mut clickhouse = topk::config::ClickHouseArgs {
+/// The aggregator with a fresh group into a fresh database, until every event is counted
+/// (flushed and committed). Its steady rate runs from the first counts seen in ClickHouse.
+async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> Rates {
+    let clickhouse = topk::config::ClickHouseArgs {
         url: std::env::var("TOPK_CLICKHOUSE_URL")
             .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
         database: unique("topk_bench"),
@@ -113,8 +187,6 @@ async fn main() {
             format!("--clickhouse-url={}", clickhouse.url),
             format!("--clickhouse-database={}", clickhouse.database),
             format!("--group={}", unique("bench_aggregator")),
-            // A short interval keeps the end of the run (waiting for the last flush) from
-            // dominating a run of a few seconds.
             format!(
                 "--flush-interval={}",
                 std::env::var("TOPK_BENCH_FLUSH").unwrap_or_else(|_| "250ms".into())
@@ -127,39 +199,27 @@ async fn main() {
     let started = Instant::now();
     let worker = tokio::spawn(topk_aggregator::run(args, shutdown.clone()));
     let client = topk::olap::client(&clickhouse);
+    let mut first = None;
     loop {
         let total: u64 = client
             .query("SELECT sum(plays) FROM plays_minute")
             .fetch_one()
             .await
             .unwrap_or(0);
+        if total > 0 && first.is_none() {
+            first = Some((Instant::now(), total));
+        }
         if total >= events {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let aggregator_secs = started.elapsed().as_secs_f64();
+    let rates = Rates::new(events, started, first, Instant::now());
     shutdown.cancel();
     worker.await.expect("joins").expect("clean shutdown");
     let _ = topk::olap::server_client(&clickhouse)
         .query(&format!("DROP DATABASE IF EXISTS {}", clickhouse.database))
         .execute()
         .await;
-    clickhouse.database.clear();
-
-    let baseline_rate = events as f64 / baseline_secs;
-    let aggregator_rate = events as f64 / aggregator_secs;
-    println!(
-        "{}",
-        serde_json::json!({
-            "benchmark": "ingest",
-            "events": events,
-            "partitions": partitions,
-            "produce_events_per_s": (events as f64 / produce_secs).round(),
-            "baseline_consume_discard_events_per_s": baseline_rate.round(),
-            "aggregator_into_clickhouse_events_per_s": aggregator_rate.round(),
-            "ratio_aggregator_to_baseline": (aggregator_rate / baseline_rate * 1000.0).round() / 1000.0,
-            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        })
-    );
+    rates
 }

@@ -227,7 +227,10 @@ impl TopQuery {
             return Vec::new();
         };
         let full: Vec<u32> = window.full_days().collect();
-        last.iter().copied().filter(|c| full.contains(&c.day)).collect()
+        last.iter()
+            .copied()
+            .filter(|c| full.contains(&c.day))
+            .collect()
     }
 
     /// Every user with at least one play in `window`, ascending (for warm-up).

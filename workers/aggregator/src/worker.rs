@@ -5,7 +5,8 @@
 //! partitions go to another worker.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
@@ -19,6 +20,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use topk::event::Validator;
@@ -57,6 +59,8 @@ pub enum FlushError {
     Touches(#[source] clickhouse::error::Error),
     #[error("producing to the dead-letter topic: {0}")]
     DeadLetters(#[source] KafkaError),
+    #[error("the flush task panicked: {0}")]
+    Panicked(String),
 }
 
 /// Why a partition could not be resumed (retried with the same message).
@@ -70,29 +74,53 @@ enum ResumeError {
     RebuildTimeout(u64),
 }
 
+#[derive(Default)]
 struct Core {
     partitions: HashMap<i32, PartitionState>,
+    /// Bytes of all partitions' state, and the part of it a flush can free: kept current by
+    /// [`Core::process`] per message and recounted by [`Core::recount`] after anything else
+    /// changes the partitions, so the per-message cap check does not walk every partition.
+    bytes: u64,
+    flushable: u64,
 }
 
 impl Core {
     fn bytes(&self) -> u64 {
-        self.sizes().0
+        self.bytes
     }
 
-    /// (all state, what a flush can free) in one pass over the partitions.
-    fn sizes(&self) -> (u64, u64) {
-        self.partitions
-            .values()
-            .fold((0, 0), |(all, flushable), state| {
-                let batches = state.flushable_bytes();
-                (all + batches + state.dedup_bytes(), flushable + batches)
-            })
+    /// Recounts the sizes after partitions were added, removed, flushed or restored.
+    fn recount(&mut self) {
+        (self.bytes, self.flushable) =
+            self.partitions
+                .values()
+                .fold((0, 0), |(all, flushable), state| {
+                    let batches = state.flushable_bytes();
+                    (all + batches + state.dedup_bytes(), flushable + batches)
+                });
+    }
+
+    /// Processes one message of a known partition; `None` if the partition is not assigned.
+    fn process(&mut self, partition: i32, message: Message<'_>) -> Option<Outcome> {
+        let state = self.partitions.get_mut(&partition)?;
+        let (batches, dedup) = (state.flushable_bytes(), state.dedup_bytes());
+        let outcome = state.process(message);
+        let (batches_now, dedup_now) = (state.flushable_bytes(), state.dedup_bytes());
+        self.flushable = self.flushable + batches_now - batches;
+        self.bytes = self.bytes + batches_now + dedup_now - batches - dedup;
+        Some(outcome)
     }
 }
 
 /// Everything the loop and the rebalance callback share.
 struct Worker {
     core: Mutex<Core>,
+    /// Held for the whole of a flush (seal to commit): flushes of the loop's background task,
+    /// of the rebalance callback and of shutdown run one at a time, in offset order.
+    flush_lock: tokio::sync::Mutex<()>,
+    /// Bytes of the batches a flush has taken out of `core` and not yet released; they still
+    /// count against `--max-state-bytes`.
+    in_flight_bytes: AtomicU64,
     store: Store,
     producer: FutureProducer,
     topic: String,
@@ -113,9 +141,24 @@ impl Worker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// State bytes held, including the batches of a flush in flight.
+    fn state_bytes(&self) -> u64 {
+        self.core().bytes() + self.in_flight_bytes.load(Ordering::Relaxed)
+    }
+
     /// Seals and flushes the batches of `only` (all partitions when `None`): intents, counts,
     /// dead letters, then the offset commit. On failure the batches are put back.
     async fn flush<C: Consumer<Worker>>(
+        &self,
+        consumer: &C,
+        only: Option<&[i32]>,
+    ) -> Result<(), FlushError> {
+        let _one_at_a_time = self.flush_lock.lock().await;
+        self.flush_locked(consumer, only).await
+    }
+
+    /// [`Worker::flush`] for a caller that holds `flush_lock`.
+    async fn flush_locked<C: Consumer<Worker>>(
         &self,
         consumer: &C,
         only: Option<&[i32]>,
@@ -136,19 +179,32 @@ impl Worker {
         if taken.is_empty() {
             return Ok(());
         }
-        match self.write(&taken).await {
+        let taken_bytes: u64 = taken
+            .iter()
+            .flat_map(|(_, batches)| batches.iter().map(Batch::bytes))
+            .sum();
+        {
+            // Moving bytes from `core` to `in_flight_bytes` under the lock keeps their sum
+            // whole for a reader on another thread.
+            let mut core = self.core();
+            core.recount();
+            self.in_flight_bytes.store(taken_bytes, Ordering::Relaxed);
+        }
+        let result = self.write(&taken).await;
+        match result {
             Ok((rows, dead_letters)) => {
                 if let Some(pause) = self.test_pause_before_commit {
                     tokio::time::sleep(pause).await;
                 }
                 self.commit(consumer, &taken);
+                self.in_flight_bytes.store(0, Ordering::Relaxed);
                 events::flushed(
                     taken.iter().map(|(_, b)| b.len()).sum(),
                     rows,
                     dead_letters,
                     started.elapsed(),
                 );
-                events::state_bytes(self.core().bytes());
+                events::state_bytes(self.state_bytes());
                 Ok(())
             }
             Err(error) => {
@@ -158,6 +214,8 @@ impl Worker {
                         state.restore_sealed(batches);
                     }
                 }
+                core.recount();
+                self.in_flight_bytes.store(0, Ordering::Relaxed);
                 Err(error)
             }
         }
@@ -253,23 +311,30 @@ impl ConsumerContext for Worker {
             .map(|e| e.partition())
             .collect();
         // The callback runs inside `recv()` on the loop's task: block this thread (not the
-        // runtime) until the revoked partitions are flushed and committed.
+        // runtime) until a background flush in flight has finished (the flush lock) and the
+        // revoked partitions are flushed and committed.
         let flushed = tokio::task::block_in_place(|| {
             self.handle.block_on(async {
-                tokio::time::timeout(
-                    Duration::from_secs(20),
-                    self.flush(consumer, Some(&revoked)),
-                )
+                tokio::time::timeout(Duration::from_secs(20), async {
+                    let guard = self.flush_lock.lock().await;
+                    let result = self.flush_locked(consumer, Some(&revoked)).await;
+                    (guard, result)
+                })
                 .await
             })
         });
-        let flushed = matches!(flushed, Ok(Ok(())));
+        let (_guard, flushed) = match flushed {
+            Ok((guard, result)) => (Some(guard), result.is_ok()),
+            Err(_) => (None, false),
+        };
         // Whatever happened, the state goes: the next owner resumes from the committed offset
-        // and replays any recorded intent exactly.
+        // and replays any recorded intent exactly. (Still under the flush lock when the flush
+        // ran, so no flush sees the partitions half removed.)
         let mut core = self.core();
         for p in &revoked {
             core.partitions.remove(p);
         }
+        core.recount();
         events::partitions_released(&revoked, flushed);
     }
 }
@@ -277,9 +342,9 @@ impl ConsumerContext for Worker {
 /// Runs an aggregator until `shutdown` fires; flushes and commits before returning.
 pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<(), AggregatorError> {
     let worker = Worker {
-        core: Mutex::new(Core {
-            partitions: HashMap::new(),
-        }),
+        core: Mutex::new(Core::default()),
+        flush_lock: tokio::sync::Mutex::new(()),
+        in_flight_bytes: AtomicU64::new(0),
         store: Store::new(topk::olap::client(&args.clickhouse), &args.kafka.topic),
         producer: topk::kafka::producer(&args.kafka.brokers)?,
         topic: args.kafka.topic.clone(),
@@ -308,6 +373,8 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         )
         .set("queued.max.messages.kbytes", "16384");
     let consumer: StreamConsumer<Worker> = topk::kafka::consumer_with_context(&config, worker)?;
+    // Shared with the background flush task, which commits through it.
+    let consumer = Arc::new(consumer);
     consumer
         .subscribe(&[&args.kafka.topic])
         .map_err(|source| AggregatorError::Subscribe {
@@ -322,6 +389,9 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
     let mut processed: u64 = 0;
     let mut dedup_warned = false;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // The flush of the timer runs in a task of its own while the loop goes on consuming: its
+    // ClickHouse round trips then overlap the parsing of the next messages. One at a time.
+    let mut background: Option<JoinHandle<Result<(), FlushError>>> = None;
 
     loop {
         let retry = async {
@@ -333,12 +403,16 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = retry => {
-                retry_at = None;
-                flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
+            result = async { background.as_mut().expect("guarded").await }, if background.is_some() => {
+                background = None;
+                flushed(&consumer, joined(result), &mut paused, &mut retry_at, args.max_state_bytes);
             }
-            _ = flush_tick.tick() => {
-                flush_now(&consumer, &mut paused, &mut retry_at, args.max_state_bytes).await;
+            _ = retry, if background.is_none() => {
+                retry_at = None;
+                background = Some(spawn_flush(&consumer));
+            }
+            _ = flush_tick.tick(), if background.is_none() && retry_at.is_none() => {
+                background = Some(spawn_flush(&consumer));
             }
             received = consumer.recv() => {
                 // Drain what is already fetched in one go (up to a burst), so the select and
@@ -362,15 +436,16 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                             stopping = true;
                             break;
                         };
-                        consumer.context().core().partitions.insert(partition, state);
+                        let mut core = consumer.context().core();
+                        core.partitions.insert(partition, state);
+                        core.recount();
                     }
                     let (outcome, bytes, flushable) = {
                         let mut core = consumer.context().core();
-                        let Some(state) = core.partitions.get_mut(&partition) else { break };
-                        let outcome = state.process(view(&message));
-                        let (bytes, flushable) = core.sizes();
-                        (outcome, bytes, flushable)
+                        let Some(outcome) = core.process(partition, view(&message)) else { break };
+                        (outcome, core.bytes, core.flushable)
                     };
+                    let bytes = bytes + consumer.context().in_flight_bytes.load(Ordering::Relaxed);
                     events::consumed(1);
                     match outcome {
                         Outcome::Counted => events::counted(1),
@@ -384,6 +459,11 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                     // Flushing only helps when it frees a good part of the cap; the dedup
                     // memory cannot be flushed (see ARCHITECTURE.md, "Memory").
                     if bytes >= args.max_state_bytes {
+                        if let Some(handle) = background.take() {
+                            // Whatever it frees decides what comes next.
+                            let result = joined(handle.await);
+                            flushed(&consumer, result, &mut paused, &mut retry_at, args.max_state_bytes);
+                        }
                         if retry_at.is_some() {
                             // A flush is already failing: stop taking more until it succeeds.
                             set_paused(&consumer, &mut paused, true, bytes);
@@ -402,15 +482,25 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                 if stopping {
                     break;
                 }
+                // rdkafka's `recv()` is ready whenever messages are buffered and is outside
+                // tokio's cooperative budget: without a yield, a busy loop would starve the
+                // background flush (spawned into this worker's LIFO slot) until the topic ran dry.
+                tokio::task::yield_now().await;
             }
         }
     }
 
-    // Shutdown: flush and commit everything, retrying until the deadline.
+    // Shutdown: finish the flush in flight, flush and commit everything, retrying until the
+    // deadline.
     let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
+    if let Some(handle) = background.take() {
+        if let Err(error) = joined(handle.await) {
+            events::flush_failed(&error);
+        }
+    }
     let mut done = false;
     while tokio::time::Instant::now() < deadline {
-        match consumer.context().flush(&consumer, None).await {
+        match consumer.context().flush(&*consumer, None).await {
             Ok(()) => {
                 done = true;
                 break;
@@ -433,6 +523,18 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
     }
 }
 
+/// Starts a flush of every partition in a task of its own.
+fn spawn_flush(consumer: &Arc<StreamConsumer<Worker>>) -> JoinHandle<Result<(), FlushError>> {
+    let consumer = Arc::clone(consumer);
+    tokio::spawn(async move { consumer.context().flush(&*consumer, None).await })
+}
+
+/// A background flush's result; a panic in it is a failed flush (its batches stay in the
+/// flush's hands and are lost to this process, so the next owner replays them).
+fn joined(result: Result<Result<(), FlushError>, JoinError>) -> Result<(), FlushError> {
+    result.unwrap_or_else(|error| Err(FlushError::Panicked(error.to_string())))
+}
+
 /// One flush attempt from the loop, with backpressure: when the state is at its cap and the
 /// flush fails, the assigned partitions are paused until a retry succeeds.
 async fn flush_now(
@@ -441,9 +543,19 @@ async fn flush_now(
     retry_at: &mut Option<tokio::time::Instant>,
     max_state_bytes: u64,
 ) {
-    let worker = consumer.context();
-    let result = worker.flush(consumer, None).await;
-    let bytes = worker.core().bytes();
+    let result = consumer.context().flush(consumer, None).await;
+    flushed(consumer, result, paused, retry_at, max_state_bytes);
+}
+
+/// What the loop does after a flush: retry timer and backpressure.
+fn flushed(
+    consumer: &StreamConsumer<Worker>,
+    result: Result<(), FlushError>,
+    paused: &mut bool,
+    retry_at: &mut Option<tokio::time::Instant>,
+    max_state_bytes: u64,
+) {
+    let bytes = consumer.context().state_bytes();
     events::state_bytes(bytes);
     match result {
         Ok(()) => {
