@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Rows are generated inside ClickHouse (`numbers()`), spread over 9 days, each user repeating
-//! ~30 favourite songs out of 2,000; every full day is rolled up first. Prints one JSON line: single-user p50/p99 and batch users/s for both.
+//! ~30 favourite songs out of 2,000 (~11 plays a day: about one play per (user, song, day), so
+//! a day's rollup saves few rows), plus `TOPK_BENCH_HEAVY_USERS` (100) heavy listeners with
+//! 3,000 plays of 15 songs each; every full day is rolled up first. Prints one JSON line: single-user p50/p99 and batch users/s for both.
 
 use std::time::Instant;
 
@@ -86,6 +88,22 @@ async fn main() {
         .execute()
         .await
         .expect("generate");
+    // Heavy listeners, the users rollups are for: each plays 15 songs on repeat, ~330 times a
+    // day, so a day's rollup holds 15 rows where the minute table holds hundreds.
+    let heavy: u64 = env_or("TOPK_BENCH_HEAVY_USERS", 100);
+    let heavy_rows = heavy * 3_000;
+    client
+        .query(&format!(
+            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
+             SELECT {users} + 1 + number % {heavy}, \
+                    (({users} + 1 + number % {heavy}) * 7919 + cityHash64(number, 2) % 15) % 2000 + 1, \
+                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 3) % {span}))), \
+                    1, 1000000 + intDiv(number, 100000) \
+             FROM numbers({heavy_rows})"
+        ))
+        .execute()
+        .await
+        .expect("generate heavy listeners");
     client
         .query(
             "INSERT INTO day_touches (day, touched_at) \
@@ -123,6 +141,19 @@ async fn main() {
     ours.sort_by(f64::total_cmp);
     base.sort_by(f64::total_cmp);
 
+    let (mut heavy_ours, mut heavy_base) = (Vec::new(), Vec::new());
+    for _ in 0..samples.min(100) {
+        let user = users + rng.random_range(1..=heavy.max(1));
+        let t = Instant::now();
+        std::hint::black_box(query.top_for_user(user, window, 10).await.expect("query"));
+        heavy_ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        std::hint::black_box(naive(&client, &[user], window, 10).await);
+        heavy_base.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    heavy_ours.sort_by(f64::total_cmp);
+    heavy_base.sort_by(f64::total_cmp);
+
     let batch: Vec<u64> = (1..=users.min(1_000)).collect();
     let t = Instant::now();
     let rounds = 5;
@@ -156,6 +187,12 @@ async fn main() {
                 "exact_p50": round2(percentile(&ours, 0.5)), "exact_p99": round2(percentile(&ours, 0.99)),
                 "naive_p50": round2(percentile(&base, 0.5)), "naive_p99": round2(percentile(&base, 0.99)),
                 "ratio_p50_naive_over_exact": round2(percentile(&base, 0.5) / percentile(&ours, 0.5)),
+            },
+            "heavy_user_ms": {
+                "users": heavy, "minute_rows_each": 3_000,
+                "exact_p50": round2(percentile(&heavy_ours, 0.5)), "exact_p99": round2(percentile(&heavy_ours, 0.99)),
+                "naive_p50": round2(percentile(&heavy_base, 0.5)), "naive_p99": round2(percentile(&heavy_base, 0.99)),
+                "ratio_p50_naive_over_exact": round2(percentile(&heavy_base, 0.5) / percentile(&heavy_ours, 0.5)),
             },
             "batch_users_per_s": {
                 "batch_size": batch.len(),
