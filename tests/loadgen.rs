@@ -1,7 +1,10 @@
 //! `topk loadgen` speaks the public contract: every message it reports as a play validates,
-//! is keyed by its user id, and the malformed ones are refused by the validator.
+//! is keyed by its user id, and the malformed ones are refused by the validator. Its ground
+//! truth is what the aggregator counts.
 
 mod common;
+
+use common::workload;
 
 use std::time::Duration;
 
@@ -9,22 +12,91 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
+fn loadgen_args(kafka: &topk::config::KafkaArgs, extra: &[&str]) -> topk_loadgen::LoadgenArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: topk_loadgen::LoadgenArgs,
+    }
+    let mut argv = vec![
+        "loadgen".to_owned(),
+        format!("--kafka-brokers={}", kafka.brokers),
+        format!("--kafka-topic={}", kafka.topic),
+    ];
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    Cli::parse_from(argv).args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ground_truth_is_what_the_aggregator_counts() {
+    let (broker, topic) = common::dev_broker(4);
+    let brokers = broker.bootstrap_servers();
+    let kafka = topk::config::KafkaArgs {
+        brokers: brokers.clone(),
+        topic: topic.clone(),
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let truth_path = dir.path().join("truth.json");
+    let truth_flag = format!("--truth={}", truth_path.display());
+    let args = loadgen_args(
+        &kafka,
+        &[
+            "--rate=2000",
+            "--duration=2s",
+            "--users=200",
+            "--songs=300",
+            "--duplicate-rate=0.05",
+            "--malformed-rate=0.02",
+            "--late-rate=0.1",
+            &truth_flag,
+        ],
+    );
+    let sent = topk_loadgen::run(args, CancellationToken::new())
+        .await
+        .expect("runs");
+    let truth: topk_loadgen::Truth =
+        serde_json::from_slice(&std::fs::read(&truth_path).expect("truth written"))
+            .expect("truth parses");
+    assert_eq!(
+        (truth.plays, truth.duplicates, truth.malformed),
+        (sent.plays, sent.duplicates, sent.malformed)
+    );
+    assert_eq!(
+        truth.totals.iter().map(|[_, _, n]| n).sum::<u64>(),
+        sent.plays
+    );
+    // Sessions repeat songs: fewer (user, song) pairs than plays.
+    assert!(
+        truth.totals.len() < truth.plays as usize,
+        "{}",
+        truth.totals.len()
+    );
+
+    let clickhouse = common::migrated_database().await;
+    let args = common::aggregator_args(&brokers, &topic, &clickhouse, &["--flush-interval=500ms"]);
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(topk_aggregator::run(args, shutdown.clone()));
+    workload::wait_for_total(&clickhouse, sent.plays, Duration::from_secs(120)).await;
+    shutdown.cancel();
+    worker.await.expect("joins").expect("clean shutdown");
+    let expected = truth
+        .totals
+        .iter()
+        .map(|&[user, song, plays]| ((user, song), plays))
+        .collect();
+    workload::assert_same_totals(&workload::totals(&clickhouse).await, &expected);
+    common::drop_database(&clickhouse).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_follows_the_event_contract() {
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let kafka = common::kafka_args(&broker.bootstrap_servers());
     broker.create_topic(&kafka.topic, 4).expect("topic");
-    let args = {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: topk_loadgen::LoadgenArgs,
-        }
-        Cli::parse_from([
-            "loadgen",
-            &format!("--kafka-brokers={}", kafka.brokers),
-            &format!("--kafka-topic={}", kafka.topic),
+    let args = loadgen_args(
+        &kafka,
+        &[
             "--rate=1000",
             "--duration=2s",
             "--users=50",
@@ -32,9 +104,8 @@ async fn traffic_follows_the_event_contract() {
             "--duplicate-rate=0.05",
             "--malformed-rate=0.05",
             "--late-rate=0.2",
-        ])
-        .args
-    };
+        ],
+    );
     let sent = topk_loadgen::run(args, CancellationToken::new())
         .await
         .expect("runs");

@@ -2,9 +2,15 @@
 //! value, user id as the key), as an outside producer would.
 //!
 //! Song popularity and user activity both follow Zipf laws (a few hits and heavy listeners, a
-//! long tail of both); optional fractions of late, duplicate (same event_id re-sent) and
-//! malformed events exercise the aggregator's rules.
+//! long tail of both). Plays come in listening sessions: a user plays a run of songs, mostly
+//! from their own favourites (so songs repeat, as they do in real listening), sometimes a
+//! popular song from the whole catalogue. Optional fractions of late, duplicate (same event_id
+//! re-sent) and malformed events exercise the aggregator's rules. With `--truth`, the exact
+//! per-(user, song) totals of the distinct valid plays sent are written as JSON for oracle
+//! checks.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -24,6 +30,12 @@ pub enum LoadgenError {
     Distribution(String),
     #[error("producing failed: {0}")]
     Produce(#[source] rdkafka::error::KafkaError),
+    #[error("cannot write the ground truth to {path}: {source}")]
+    Truth {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `topk loadgen`.
@@ -58,6 +70,38 @@ pub struct LoadgenArgs {
     /// Fraction of malformed events (they must land in the dead-letter topic).
     #[arg(long, default_value_t = 0.001)]
     pub malformed_rate: f64,
+    /// Mean number of plays in a listening session.
+    #[arg(long, default_value_t = 8.0)]
+    pub session_plays: f64,
+    /// Write the exact ground truth here when done: per (user, song), the distinct valid plays
+    /// sent (duplicates and malformed events excluded), with their time span.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+}
+
+/// Songs of a user's own rotation; a session draws from it with this probability.
+const FAVOURITES: u64 = 30;
+const FAVOURITE_SHARE: f64 = 0.7;
+/// A duplicate re-sends an event at most this long after the original (inside any sensible
+/// `--dedup-window`), so that the truth can say it is not counted.
+const DUPLICATE_WITHIN: Duration = Duration::from_secs(120);
+
+/// The exact totals of what was sent, as written by `--truth`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Truth {
+    pub plays: u64,
+    pub duplicates: u64,
+    pub malformed: u64,
+    /// Earliest and latest play timestamp, ms since the epoch.
+    pub first_ms: i64,
+    pub last_ms: i64,
+    /// `[user_id, song_id, plays]`, ascending.
+    pub totals: Vec<[u64; 3]>,
+}
+
+struct Session {
+    user: u64,
+    remaining: u32,
 }
 
 /// What was sent.
@@ -82,8 +126,26 @@ pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent,
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut interval = tokio::time::interval(tick);
     let mut sent = Sent::default();
-    let mut recent: Vec<(String, String)> = Vec::new();
+    let mut truth: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let (mut first_ms, mut last_ms) = (i64::MAX, i64::MIN);
+    // Recently sent plays that a duplicate may re-send, with when they were sent.
+    let mut recent: Vec<(String, String, tokio::time::Instant)> = Vec::new();
     let mut serial = 0u64;
+    // Listening sessions in progress; each play comes from one of them, so a user's plays
+    // cluster in time like real listening.
+    let pool = usize::try_from(args.rate)
+        .unwrap_or(usize::MAX)
+        .clamp(8, 50_000);
+    let session_len = |rng: &mut StdRng| {
+        let p = 1.0 / args.session_plays.max(1.0);
+        let mut n = 1;
+        while n < 500 && !rng.random_bool(p) {
+            n += 1;
+        }
+        n
+    };
+    let mut sessions: Vec<Session> = Vec::with_capacity(pool);
+    let favourite_dist = Zipf::new(FAVOURITES as f64, args.zipf).map_err(bad)?;
     tracing::info!(rate = args.rate, topic = %args.kafka.topic, "load generator started");
     loop {
         tokio::select! {
@@ -94,6 +156,8 @@ pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent,
             break;
         }
         let now_ms = topk::clock::Clock::now_ms(&topk::clock::SystemClock);
+        let sent_at = tokio::time::Instant::now();
+        recent.retain(|(_, _, at)| sent_at.duration_since(*at) < DUPLICATE_WITHIN);
         let mut messages = Vec::with_capacity(per_tick);
         for _ in 0..per_tick {
             if rng.random_bool(args.malformed_rate.clamp(0.0, 1.0)) {
@@ -102,34 +166,59 @@ pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent,
                 continue;
             }
             if !recent.is_empty() && rng.random_bool(args.duplicate_rate.clamp(0.0, 1.0)) {
-                messages.push(recent[rng.random_range(0..recent.len())].clone());
+                let (key, value, _) = &recent[rng.random_range(0..recent.len())];
+                messages.push((key.clone(), value.clone()));
                 sent.duplicates += 1;
                 continue;
             }
-            let user = scramble(user_dist.sample(&mut rng) as u64, args.users.max(1));
-            let song = scramble(song_dist.sample(&mut rng) as u64, args.songs.max(1));
+            if sessions.len() < pool {
+                let user = scramble(user_dist.sample(&mut rng) as u64, args.users.max(1));
+                sessions.push(Session {
+                    user,
+                    remaining: session_len(&mut rng),
+                });
+            }
+            let slot = rng.random_range(0..sessions.len());
+            let user = sessions[slot].user;
+            sessions[slot].remaining -= 1;
+            if sessions[slot].remaining == 0 {
+                sessions.swap_remove(slot);
+            }
+            let song = if rng.random_bool(FAVOURITE_SHARE) {
+                // The user's rotation: FAVOURITES songs of their own, played Zipf-wise.
+                let pick = favourite_dist.sample(&mut rng) as u64;
+                scramble(user.wrapping_mul(FAVOURITES) + pick, args.songs.max(1))
+            } else {
+                scramble(song_dist.sample(&mut rng) as u64, args.songs.max(1))
+            };
             let age = if rng.random_bool(args.late_rate.clamp(0.0, 1.0)) {
                 rng.random_range(0..6 * 86_400_000)
             } else {
                 rng.random_range(0..2_000)
             };
             serial += 1;
+            let timestamp = now_ms - age;
             let value = serde_json::json!({
                 "event_id": format!("lg-{}-{serial}", args.seed),
                 "user_id": user,
                 "song_id": song,
-                "timestamp": now_ms - age,
+                "timestamp": timestamp,
             })
             .to_string();
             let message = (user.to_string(), value);
             if recent.len() < 1_000 {
-                recent.push(message.clone());
+                recent.push((message.0.clone(), message.1.clone(), sent_at));
             } else {
                 let slot = rng.random_range(0..recent.len());
-                recent[slot] = message.clone();
+                recent[slot] = (message.0.clone(), message.1.clone(), sent_at);
             }
             messages.push(message);
             sent.plays += 1;
+            if args.truth.is_some() {
+                *truth.entry((user, song)).or_default() += 1;
+                first_ms = first_ms.min(timestamp);
+                last_ms = last_ms.max(timestamp);
+            }
         }
         let sends = messages.iter().map(|(key, value)| {
             producer.send(
@@ -140,6 +229,24 @@ pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent,
         for result in join_all(sends).await {
             result.map_err(|(error, _)| LoadgenError::Produce(error))?;
         }
+    }
+    if let Some(path) = &args.truth {
+        let truth = Truth {
+            plays: sent.plays,
+            duplicates: sent.duplicates,
+            malformed: sent.malformed,
+            first_ms: if sent.plays > 0 { first_ms } else { 0 },
+            last_ms: if sent.plays > 0 { last_ms } else { 0 },
+            totals: truth
+                .into_iter()
+                .map(|((user, song), plays)| [user, song, plays])
+                .collect(),
+        };
+        let json = serde_json::to_vec(&truth).expect("plain data serializes");
+        std::fs::write(path, json).map_err(|source| LoadgenError::Truth {
+            path: path.clone(),
+            source,
+        })?;
     }
     tracing::info!(
         plays = sent.plays,
