@@ -165,7 +165,7 @@ pub fn meta_key(prefix: &str, user_id: u64) -> String {
 }
 
 /// Reads a user's materialised answer: the meta hash and the sorted set in one round trip
-/// (a pipeline). `None` when the user has no meta (never computed, or expired).
+/// (a transaction). `None` when the user has no meta (never computed, or expired).
 pub async fn read_top(
     pool: &Pool,
     prefix: &str,
@@ -184,8 +184,11 @@ pub async fn read_top_on<C: redis::aio::ConnectionLike>(
     user_id: u64,
     limit: usize,
 ) -> Result<Option<TopSongs>, CacheError> {
-    // Both keys carry the user's hash tag: one slot, so the pipeline also runs on a cluster.
+    // MULTI/EXEC: the refresher replaces both keys in one script call, and a transaction reads
+    // them at one point in time, so the meta always describes the songs read with it. Both keys
+    // carry the user's hash tag: one slot, so the transaction also runs on a cluster.
     let (meta, songs): (HashMap<String, String>, Vec<(u64, u64)>) = redis::pipe()
+        .atomic()
         .hgetall(meta_key(prefix, user_id))
         .zrange_withscores(songs_key(prefix, user_id), 0, -1)
         .query_async(conn)

@@ -11,6 +11,7 @@ use rand::Rng;
 use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
 /// A name nobody else uses: `<prefix>_<random>`.
+pub mod plays;
 pub mod workload;
 
 pub fn unique(prefix: &str) -> String {
