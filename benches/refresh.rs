@@ -12,6 +12,7 @@
 //! (users per query, 2,000), `TOPK_BENCH_CONCURRENCY` (queries in flight, 2),
 //! `TOPK_BENCH_BASELINE_USERS` (users timed for the per-user baseline, 2,000). Every user is
 //! marked touched, so one refresher cycle recomputes all of them; keys get a 10-minute TTL.
+//! `TOPK_BENCH_KEEP=1` keeps the ClickHouse database for a closer look.
 //! Prints one JSON line.
 
 use std::time::{Duration, Instant};
@@ -114,8 +115,27 @@ async fn main() {
     assert!(report.refreshed.failed.is_empty(), "no chunk may fail");
     let refreshed = report.refreshed.done();
 
-    // The baseline: one ClickHouse query per user, same writes, same concurrency.
+    // Where the time goes: the same chunks through the batch query alone, without Redis.
     let query = TopQuery::new(client.clone());
+    let all: Vec<u64> = (1..=users).collect();
+    let t = Instant::now();
+    futures::stream::iter(all.chunks(batch_size))
+        .map(|chunk| {
+            let query = &query;
+            async move {
+                query
+                    .top_for_users(chunk, window, MAX_LIMIT)
+                    .await
+                    .expect("batch query")
+                    .len()
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<usize>>()
+        .await;
+    let query_only_s = t.elapsed().as_secs_f64();
+
+    // The baseline: one ClickHouse query per user, same writes, same concurrency.
     let target = Target {
         prefix: format!("{}_baseline", redis_args.prefix),
         ttl: settings.key_ttl,
@@ -147,10 +167,14 @@ async fn main() {
         .await;
     let baseline_s = t.elapsed().as_secs_f64();
 
-    let _ = topk::olap::server_client(&args)
-        .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
-        .execute()
-        .await;
+    if std::env::var_os("TOPK_BENCH_KEEP").is_none() {
+        let _ = topk::olap::server_client(&args)
+            .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
+            .execute()
+            .await;
+    } else {
+        eprintln!("kept database {}", args.database);
+    }
     let ours = refreshed as f64 / cycle_s;
     let base = sample.len() as f64 / baseline_s;
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
@@ -164,6 +188,7 @@ async fn main() {
             "batch_size": batch_size,
             "concurrency": concurrency,
             "refresher": {"seconds": round2(cycle_s), "users_per_s": ours.round()},
+            "batch_query_alone": {"seconds": round2(query_only_s), "users_per_s": (users as f64 / query_only_s).round()},
             "per_user_baseline": {"users": sample.len(), "seconds": round2(baseline_s), "users_per_s": base.round()},
             "ratio_refresher_over_baseline": round2(ours / base),
         })

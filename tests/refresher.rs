@@ -735,3 +735,62 @@ async fn a_failing_clickhouse_delays_answers_but_loses_none() {
     env.assert_exact(&plays, 5, now, "after recovery").await;
     common::drop_database(&env.clickhouse).await;
 }
+
+/// A Redis that lost its scripts (restart, SCRIPT FLUSH) between the cycle's load and a chunk:
+/// the chunk's pipeline meets NOSCRIPT, loads the script again and resends. On a private
+/// server, because flushing scripts is not something to do to a shared one.
+#[tokio::test]
+async fn a_chunk_survives_a_script_flush() {
+    let port: u16 = 31_000 + (std::process::id() % 2_000) as u16;
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let args = RedisArgs {
+        url: format!("redis://127.0.0.1:{port}"),
+        ..common::redis_args()
+    };
+    let redis = Redis::connect(&args).expect("redis");
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok(c) = redis.get().await {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = conn.expect("the private redis-server answers");
+    let target = target(&args.prefix, 60_000);
+    let window = Window::at(common::workload::now_ms());
+    let ranked = songs(&[(1, 2)]);
+    let answers: Vec<Answer<'_>> = (1..=3)
+        .map(|user_id| Answer {
+            user_id,
+            songs: &ranked,
+        })
+        .collect();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
+    let outcomes = topk_refresher::store::replace_all(&conn, &target, &answers, window, 5)
+        .await
+        .expect("written after reloading the script");
+    assert_eq!(outcomes, vec![Outcome::Written; 3]);
+    for user in 1..=3 {
+        let read = redis.read_top(&args.prefix, user, 10).await.expect("read");
+        assert_eq!(read.map(|a| a.songs), Some(ranked.clone()));
+    }
+    server.kill().expect("stop the private redis-server");
+    let _ = server.wait();
+}

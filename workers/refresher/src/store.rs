@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::Script;
+use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind};
 use topk::cache::{Conn, meta_key, songs_key};
 use topk::window::{RankedSong, Window, rfc3339_ms};
 
@@ -13,9 +13,8 @@ use topk::window::{RankedSong, Window, rfc3339_ms};
 pub static REPLACE_TOP: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../../lua/replace_top.lua")));
 
-/// Script calls in flight on one connection while a chunk is written. The connection is
-/// multiplexed, so concurrent calls share round trips (a pipeline per node, also on a cluster,
-/// where one pipeline may not span slots).
+/// Script calls in flight on one cluster connection while a chunk is written. The connection
+/// is multiplexed, so concurrent calls share round trips.
 const IN_FLIGHT: usize = 256;
 
 /// What `replace_top` did with one answer.
@@ -65,14 +64,13 @@ fn millis(duration: Duration) -> u64 {
         .max(1)
 }
 
-/// Replaces one user's answer, computed at `computed_at_ms` over `window`.
-pub async fn replace(
-    conn: &mut Conn,
+/// The script call that stores one answer.
+fn invocation<'a>(
     target: &Target,
     answer: &Answer<'_>,
     window: Window,
     computed_at_ms: i64,
-) -> Result<Outcome, redis::RedisError> {
+) -> ScriptInvocation<'a> {
     let mut call = REPLACE_TOP.prepare_invoke();
     call.key(songs_key(&target.prefix, answer.user_id))
         .key(meta_key(&target.prefix, answer.user_id))
@@ -85,8 +83,21 @@ pub async fn replace(
     for song in answer.songs {
         call.arg(song.plays).arg(song.song_id);
     }
+    call
+}
+
+/// Replaces one user's answer, computed at `computed_at_ms` over `window`.
+pub async fn replace(
+    conn: &mut Conn,
+    target: &Target,
+    answer: &Answer<'_>,
+    window: Window,
+    computed_at_ms: i64,
+) -> Result<Outcome, redis::RedisError> {
     // EVALSHA; on NOSCRIPT (a restarted or new node) the crate loads the script and retries.
-    let reply: i64 = call.invoke_async(conn).await?;
+    let reply: i64 = invocation(target, answer, window, computed_at_ms)
+        .invoke_async(conn)
+        .await?;
     Outcome::from_reply(reply)
 }
 
@@ -100,8 +111,12 @@ pub async fn load(conn: &mut Conn) -> Result<(), redis::RedisError> {
         .map(drop)
 }
 
-/// Writes a chunk of answers concurrently on one multiplexed connection. Returns the outcome
-/// of each answer, in no particular order, or the first error.
+/// Writes a chunk of answers. Returns the outcome of each answer, in no particular order, or
+/// the first error.
+///
+/// On one server, the chunk is one pipeline of EVALSHA calls: one round trip. A cluster
+/// pipeline may not span slots, so there the calls run concurrently on the multiplexed cluster
+/// connection, which sends them to their nodes as they come (a pipeline per node on the wire).
 pub async fn replace_all(
     conn: &Conn,
     target: &Target,
@@ -109,6 +124,27 @@ pub async fn replace_all(
     window: Window,
     computed_at_ms: i64,
 ) -> Result<Vec<Outcome>, redis::RedisError> {
+    if let Conn::Single(_) = conn {
+        let calls: Vec<ScriptInvocation<'_>> = answers
+            .iter()
+            .map(|answer| invocation(target, answer, window, computed_at_ms))
+            .collect();
+        let mut pipe = redis::pipe();
+        for call in &calls {
+            pipe.invoke_script(call);
+        }
+        let mut conn = conn.clone();
+        let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
+            // The server lost its scripts (restart, SCRIPT FLUSH) since the cycle loaded it:
+            // load again and resend; every call is idempotent.
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                load(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
+        return replies.into_iter().map(Outcome::from_reply).collect();
+    }
     futures::stream::iter(answers)
         .map(|answer| {
             let mut conn = conn.clone();
