@@ -79,7 +79,7 @@ pub struct ClickHouseArgs {
 /// Redis (standalone or cluster).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedisArgs {
-    /// Redis URL.
+    /// Redis URL; with `--redis-cluster`, a comma-separated list of cluster seed nodes.
     #[arg(
         id = "redis_url",
         long = "redis-url",
@@ -87,6 +87,14 @@ pub struct RedisArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub url: String,
+    /// The URL(s) name Redis Cluster nodes: keys are routed by slot (a user's keys share one).
+    #[arg(
+        id = "redis_cluster",
+        long = "redis-cluster",
+        env = "TOPK_REDIS_CLUSTER",
+        default_value_t = false
+    )]
+    pub cluster: bool,
     /// Prefix of every key topk writes (`<prefix>:{<user_id>}:songs`).
     #[arg(
         id = "redis_prefix",

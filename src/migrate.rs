@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "rollup_log",
         sql: include_str!("../schema/005_rollup_log.sql"),
     },
+    Migration {
+        version: 6,
+        name: "user_touches",
+        sql: include_str!("../schema/006_user_touches.sql"),
+    },
 ];
 
 /// Errors applying migrations.

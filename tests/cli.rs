@@ -39,7 +39,7 @@ async fn top_prints_the_api_json_from_clickhouse_then_from_redis() {
     let clickhouse = common::clickhouse_args(&common::unique("topk_cli"));
     let redis = common::redis_args();
     let migrated = json(&topk(&["migrate"], &clickhouse, &redis));
-    assert_eq!(migrated["applied"], serde_json::json!([1, 2, 3, 4, 5]));
+    assert_eq!(migrated["applied"], serde_json::json!([1, 2, 3, 4, 5, 6]));
 
     let now_minute = topk::window::Window::at(common::workload::now_ms()).end - 60;
     let mut batch = Batch::open(0, 0, 0, None);
@@ -149,10 +149,44 @@ fn bad_arguments_are_refused_clearly() {
             &["aggregate", "--flush-interval", "soon"][..],
             "flush-interval",
         ),
+        (&["refresh", "--refresh-interval", "0s"][..], "at least 1ms"),
+        (&["refresh", "--batch-size", "0"][..], "batch-size"),
+        (&["warmup", "--concurrency", "100"][..], "concurrency"),
     ] {
         let output = topk(args, &clickhouse, &redis);
         assert_eq!(output.status.code(), Some(2), "{args:?} must be refused");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+/// `topk warmup` (not on a terminal: plain progress lines) fills Redis; `topk top` then answers
+/// from the cache with exactly what `--fresh` computes.
+#[tokio::test]
+async fn warmup_fills_redis_and_top_answers_from_it() {
+    let clickhouse = common::migrated_database().await;
+    let redis = common::redis_args();
+    let now_minute = topk::window::Window::at(common::workload::now_ms()).end - 60;
+    let mut batch = Batch::open(0, 0, 0, None);
+    batch.end_offset = 1;
+    for (user, song, plays) in [(42u64, 7u64, 3u64), (42, 9, 5), (43, 1, 1)] {
+        batch.counts.insert((user, song, now_minute - 120), plays);
+    }
+    let store = Store::new(topk::olap::client(&clickhouse), "plays");
+    store.write_counts(&[&batch]).await.expect("counts");
+
+    let warmup = json(&topk(&["warmup"], &clickhouse, &redis));
+    assert_eq!(
+        warmup,
+        serde_json::json!({"users": 2, "written": 2, "emptied": 0, "refused": 0, "failed": 0, "complete": true})
+    );
+    let cached = json(&topk(&["top", "42"], &clickhouse, &redis));
+    let fresh = json(&topk(&["top", "42", "--fresh"], &clickhouse, &redis));
+    assert_eq!(cached["source"], "cache");
+    assert_eq!(cached["songs"], fresh["songs"]);
+    assert_eq!(
+        cached["songs"],
+        serde_json::json!([{"rank": 1, "song_id": 9, "plays": 5}, {"rank": 2, "song_id": 7, "plays": 3}])
+    );
+    common::drop_database(&clickhouse).await;
 }

@@ -48,7 +48,8 @@ async fn migrate_twice_leaves_the_schema_unchanged() {
             "plays_daily",
             "plays_minute",
             "rollup_log",
-            "schema_migrations"
+            "schema_migrations",
+            "user_touches",
         ]
     );
 

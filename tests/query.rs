@@ -5,58 +5,18 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-
+use common::plays::{DAY, MINUTE, Play, oracle};
 use rand::Rng;
 use topk::clock::{Clock, ManualClock};
 use topk::query::TopQuery;
-use topk::window::{RankedSong, Window, rank};
-use topk_aggregator::batch::Batch;
+use topk::window::Window;
 use topk_aggregator::store::Store;
-
-const MINUTE: i64 = 60_000;
-const DAY: i64 = 24 * 60 * MINUTE;
-
-#[derive(Debug, Clone, Copy)]
-struct Play {
-    user: u64,
-    song: u64,
-    ts: i64,
-}
-
-/// The oracle: count the plays whose minute lies in the window, rank, cut.
-fn oracle(plays: &[Play], window: Window, limit: usize) -> BTreeMap<u64, Vec<RankedSong>> {
-    let mut counts: HashMap<u64, HashMap<u64, u64>> = HashMap::new();
-    for play in plays {
-        let minute = (play.ts.div_euclid(MINUTE) * 60) as u32;
-        if window.start <= minute && minute < window.end {
-            *counts
-                .entry(play.user)
-                .or_default()
-                .entry(play.song)
-                .or_default() += 1;
-        }
-    }
-    counts
-        .into_iter()
-        .map(|(user, songs)| (user, rank(songs.into_iter().collect(), limit)))
-        .collect()
-}
 
 /// Writes plays the way the aggregator does: batches of counts with their ids, then touches.
 /// `replay` writes every batch a second time, as a crashed flush would.
 async fn write(store: &Store, plays: &[Play], first_offset: u64, replay: bool) {
     for (i, chunk) in plays.chunks(700).enumerate() {
-        let start = first_offset + (i as u64) * 1_000;
-        let mut batch = Batch::open(0, start, start as i64, None);
-        batch.end_offset = start + chunk.len() as u64;
-        for play in chunk {
-            let minute = (play.ts.div_euclid(MINUTE) * 60) as u32;
-            *batch
-                .counts
-                .entry((play.user, play.song, minute))
-                .or_insert(0) += 1;
-        }
+        let batch = common::plays::batch(chunk, first_offset + (i as u64) * 1_000);
         for _ in 0..if replay { 2 } else { 1 } {
             store.write_counts(&[&batch]).await.expect("counts");
             store.write_touches(&[&batch]).await.expect("touches");

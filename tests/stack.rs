@@ -1,5 +1,6 @@
 //! `scripts/stack` itself: a private stack (its own folder and ports) comes up, a second `up`
-//! changes nothing, the dev broker serves Kafka on its fixed port, and `down` leaves no process.
+//! changes nothing, the dev broker serves Kafka on its fixed port, the Redis Cluster holds every
+//! slot, and `down` leaves no process.
 
 mod common;
 
@@ -22,6 +23,10 @@ fn stack(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
         .env("TOPK_STACK_CH_HTTP_PORT", (base_port + 1).to_string())
         .env("TOPK_STACK_CH_TCP_PORT", (base_port + 2).to_string())
         .env("TOPK_STACK_KAFKA_PORT", (base_port + 3).to_string())
+        .env(
+            "TOPK_STACK_REDIS_CLUSTER_PORTS",
+            format!("{} {} {}", base_port + 4, base_port + 5, base_port + 6),
+        )
         .output()
         .expect("scripts/stack runs");
     assert!(
@@ -64,7 +69,15 @@ async fn up_twice_then_down_leaves_nothing() {
     let first = pids(dir.path());
     assert_eq!(
         first.keys().collect::<Vec<_>>(),
-        ["clickhouse", "devbroker", "redis"]
+        [
+            "clickhouse",
+            "devbroker",
+            "redis",
+            "redis-cluster",
+            &format!("redis-cluster-{}", base + 4),
+            &format!("redis-cluster-{}", base + 5),
+            &format!("redis-cluster-{}", base + 6),
+        ]
     );
     assert!(first.values().all(|&pid| alive(pid)));
     assert!(stack(dir.path(), base, "status").status.success());
@@ -100,6 +113,15 @@ async fn up_twice_then_down_leaves_nothing() {
     );
     drop(message);
     drop(consumer);
+
+    // The Redis Cluster's three masters hold every slot.
+    let cluster = Command::new("redis-cli")
+        .args(["-p", &(base + 4).to_string(), "cluster", "info"])
+        .output()
+        .expect("redis-cli runs");
+    let info = String::from_utf8_lossy(&cluster.stdout);
+    assert!(info.contains("cluster_state:ok"), "{info}");
+    assert!(info.contains("cluster_known_nodes:3"), "{info}");
 
     stack(dir.path(), base, "down");
     assert!(pids(dir.path()).is_empty(), "pid files removed");

@@ -68,6 +68,10 @@ enum Command {
     },
     /// Run rollups and retention periodically (a maintenance worker).
     Maintain(topk_maintenance::MaintenanceArgs),
+    /// Keep Redis equal to ClickHouse: recompute every changed user's top songs each interval.
+    Refresh(Box<topk_refresher::RefresherArgs>),
+    /// Fill Redis for every user with plays in the window (after a cold start); safe to re-run.
+    Warmup(Box<topk_refresher::WarmupArgs>),
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {
@@ -146,8 +150,8 @@ async fn main() -> anyhow::Result<()> {
             let cached = if fresh {
                 None
             } else {
-                let pool = topk::cache::pool(&redis).context("Redis pool")?;
-                match topk::cache::read_top(&pool, &redis.prefix, user_id, limit).await {
+                let cache = topk::cache::Redis::connect(&redis).context("Redis pool")?;
+                match cache.read_top(&redis.prefix, user_id, limit).await {
                     Ok(answer) => answer,
                     Err(error) => {
                         tracing::warn!(%error, "Redis unavailable; computing from ClickHouse");
@@ -193,6 +197,28 @@ async fn main() -> anyhow::Result<()> {
             topk::telemetry::init(&args.telemetry).context("starting telemetry")?;
             let shutdown = topk::shutdown::on_signals();
             topk_maintenance::run(args, topk::clock::system(), shutdown).await;
+        }
+        Command::Refresh(args) => {
+            topk::telemetry::init(&args.telemetry).context("starting telemetry")?;
+            let shutdown = topk::shutdown::on_signals();
+            topk_refresher::run(*args, topk::clock::system(), shutdown)
+                .await
+                .context("refresher failed")?;
+        }
+        Command::Warmup(args) => {
+            topk::telemetry::init_logging();
+            let shutdown = topk::shutdown::on_signals();
+            let report = topk_refresher::run_warmup(*args, topk::clock::system(), shutdown)
+                .await
+                .context("warm-up failed")?;
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.complete || report.failed > 0 {
+                anyhow::bail!(
+                    "warm-up incomplete ({} users failed, interrupted: {}); re-run it",
+                    report.failed,
+                    !report.complete
+                );
+            }
         }
     }
     Ok(())

@@ -11,6 +11,7 @@ use rand::Rng;
 use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
 /// A name nobody else uses: `<prefix>_<random>`.
+pub mod plays;
 pub mod workload;
 
 pub fn unique(prefix: &str) -> String {
@@ -55,6 +56,21 @@ pub fn redis_args() -> RedisArgs {
         url: env_or("TOPK_REDIS_URL", "redis://127.0.0.1:6379"),
         prefix: unique("topk_test"),
         pool_size: 4,
+        cluster: false,
+    }
+}
+
+/// Redis settings for the stack's 3-master Redis Cluster (`scripts/stack up redis-cluster`),
+/// with a key prefix of the test's own.
+pub fn redis_cluster_args() -> RedisArgs {
+    RedisArgs {
+        url: env_or(
+            "TOPK_TEST_REDIS_CLUSTER_URLS",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002",
+        ),
+        prefix: unique("topk_test"),
+        pool_size: 4,
+        cluster: true,
     }
 }
 

@@ -18,6 +18,12 @@ pub struct PlayRow {
     pub batch_id: u64,
 }
 
+/// A row of `user_touches` (`touched_at` is the server's `now()` at insert).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct UserTouchRow {
+    pub user_id: u64,
+}
+
 /// A row of `flush_log`.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct IntentRow {
@@ -200,5 +206,26 @@ impl Store {
             ))
             .execute()
             .await
+    }
+
+    /// Records the users the flush wrote counts for (after the counts, before the commit), so
+    /// that the refresher recomputes exactly those users. A replay writes them again: harmless.
+    pub async fn write_user_touches(
+        &self,
+        batches: &[&Batch],
+    ) -> Result<(), clickhouse::error::Error> {
+        let users: std::collections::BTreeSet<u64> = batches
+            .iter()
+            .flat_map(|batch| batch.counts.keys().map(|&(user_id, _, _)| user_id))
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        // A typed insert: one RowBinary stream however many users, `touched_at` from DEFAULT.
+        let mut insert = self.client.insert::<UserTouchRow>("user_touches").await?;
+        for user_id in users {
+            insert.write(&UserTouchRow { user_id }).await?;
+        }
+        insert.end().await
     }
 }

@@ -233,6 +233,14 @@ impl Worker {
             .write_counts(&batches)
             .await
             .map_err(FlushError::Counts)?;
+        self.store
+            .write_touches(&batches)
+            .await
+            .map_err(FlushError::Touches)?;
+        self.store
+            .write_user_touches(&batches)
+            .await
+            .map_err(FlushError::Touches)?;
         let deliveries = batches.iter().flat_map(|batch| {
             batch.dead_letters.iter().map(move |letter| {
                 let partition = batch.partition.to_string();

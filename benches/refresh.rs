@@ -1,0 +1,196 @@
+//! Refresh benchmark: users refreshed per second by the refresher (batch query in chunks,
+//! guarded script writes) against a baseline that queries ClickHouse once per user and writes
+//! the same script, same data, same run, same concurrency.
+//!
+//! ```sh
+//! scripts/stack up && eval "$(scripts/stack env)"
+//! cargo bench --bench refresh                       # 100k changed users, ~20 rows each
+//! TOPK_BENCH_USERS=1000000 cargo bench --bench refresh
+//! ```
+//!
+//! Knobs: `TOPK_BENCH_USERS` (100,000), `TOPK_BENCH_ROWS_PER_USER` (20), `TOPK_BENCH_BATCH`
+//! (users per query, 2,000), `TOPK_BENCH_CONCURRENCY` (queries in flight, 2),
+//! `TOPK_BENCH_BASELINE_USERS` (users timed for the per-user baseline, 2,000). Every user is
+//! marked touched, so one refresher cycle recomputes all of them; keys get a 10-minute TTL.
+//! `TOPK_BENCH_KEEP=1` keeps the ClickHouse database for a closer look.
+//! Prints one JSON line.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use topk::clock::{Clock, SystemClock};
+use topk::query::TopQuery;
+use topk::window::{MAX_LIMIT, Window};
+use topk_refresher::store::{Answer, Target, replace};
+use topk_refresher::{RefreshSettings, Refresher};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let users: u64 = env_or("TOPK_BENCH_USERS", 100_000);
+    let per_user: u64 = env_or("TOPK_BENCH_ROWS_PER_USER", 20);
+    let batch_size: usize = env_or("TOPK_BENCH_BATCH", 2_000);
+    let concurrency: usize = env_or("TOPK_BENCH_CONCURRENCY", 2);
+    let baseline_users: u64 = env_or("TOPK_BENCH_BASELINE_USERS", 2_000);
+    let rows = users * per_user;
+    let args = topk::config::ClickHouseArgs {
+        url: std::env::var("TOPK_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        database: format!("topk_bench_{:08x}", rand::random::<u32>()),
+        user: "default".into(),
+        password: String::new(),
+    };
+    let redis_args = topk::config::RedisArgs {
+        url: std::env::var("TOPK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        prefix: format!("topk_bench_{:08x}", rand::random::<u32>()),
+        pool_size: 4,
+        cluster: false,
+    };
+    topk::migrate::run(&args).await.expect("migrate");
+    let client = topk::olap::client(&args);
+    let now = SystemClock.now_ms();
+    let window = Window::at(now);
+    let span = 9 * 86_400u64;
+    let newest = u64::from(window.end) - 60;
+    eprintln!("generating {rows} minute rows for {users} users over 9 days…");
+    client
+        .query(&format!(
+            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
+             SELECT number % {users} + 1, \
+                    ((number % {users}) * 7919 + cityHash64(number) % 30) % 2000 + 1, \
+                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 1) % {span}))), \
+                    1 + number % 3, intDiv(number, 100000) \
+             FROM numbers({rows})"
+        ))
+        .execute()
+        .await
+        .expect("generate");
+    client
+        .query(
+            "INSERT INTO day_touches (day, touched_at) \
+             SELECT DISTINCT toDate(minute), now() - 5 FROM plays_minute",
+        )
+        .execute()
+        .await
+        .expect("day touches");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    topk_maintenance::rollup(&client, &SystemClock, false)
+        .await
+        .expect("rollup");
+    client
+        .query("OPTIMIZE TABLE plays_minute FINAL")
+        .execute()
+        .await
+        .expect("optimize");
+    client
+        .query(&format!(
+            "INSERT INTO user_touches (user_id) SELECT number + 1 FROM numbers({users})"
+        ))
+        .execute()
+        .await
+        .expect("user touches");
+
+    let settings = RefreshSettings {
+        batch_size,
+        concurrency,
+        key_ttl: Duration::from_secs(600),
+        tombstone_ttl: Duration::from_secs(600),
+        touch_margin: Duration::from_secs(120),
+        catch_up: Duration::from_secs(3600),
+    };
+    let redis = topk::cache::Redis::connect(&redis_args).expect("redis");
+
+    // The refresher: one cycle over every changed user.
+    let mut refresher =
+        Refresher::new(client.clone(), redis.clone(), &redis_args.prefix, &settings);
+    let t = Instant::now();
+    let report = refresher.cycle(&SystemClock).await.expect("cycle");
+    let cycle_s = t.elapsed().as_secs_f64();
+    assert!(report.refreshed.failed.is_empty(), "no chunk may fail");
+    let refreshed = report.refreshed.done();
+
+    // Where the time goes: the same chunks through the batch query alone, without Redis.
+    let query = TopQuery::new(client.clone());
+    let all: Vec<u64> = (1..=users).collect();
+    let t = Instant::now();
+    futures::stream::iter(all.chunks(batch_size))
+        .map(|chunk| {
+            let query = &query;
+            async move {
+                query
+                    .top_for_users(chunk, window, MAX_LIMIT)
+                    .await
+                    .expect("batch query")
+                    .len()
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<usize>>()
+        .await;
+    let query_only_s = t.elapsed().as_secs_f64();
+
+    // The baseline: one ClickHouse query per user, same writes, same concurrency.
+    let target = Target {
+        prefix: format!("{}_baseline", redis_args.prefix),
+        ttl: settings.key_ttl,
+        tombstone_ttl: settings.tombstone_ttl,
+    };
+    let conn = redis.get().await.expect("redis connection");
+    let computed_at = SystemClock.now_ms();
+    let t = Instant::now();
+    let sample: Vec<u64> = (1..=baseline_users.min(users)).collect();
+    futures::stream::iter(&sample)
+        .map(|&user_id| {
+            let (query, target, mut conn) = (&query, &target, conn.clone());
+            async move {
+                let songs = query
+                    .top_for_user(user_id, window, MAX_LIMIT)
+                    .await
+                    .expect("per-user query");
+                let answer = Answer {
+                    user_id,
+                    songs: &songs,
+                };
+                replace(&mut conn, target, &answer, window, computed_at)
+                    .await
+                    .expect("write");
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<()>>()
+        .await;
+    let baseline_s = t.elapsed().as_secs_f64();
+
+    if std::env::var_os("TOPK_BENCH_KEEP").is_none() {
+        let _ = topk::olap::server_client(&args)
+            .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
+            .execute()
+            .await;
+    } else {
+        eprintln!("kept database {}", args.database);
+    }
+    let ours = refreshed as f64 / cycle_s;
+    let base = sample.len() as f64 / baseline_s;
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "benchmark": "refresh",
+            "rows": rows,
+            "changed_users": report.users,
+            "refreshed": refreshed,
+            "batch_size": batch_size,
+            "concurrency": concurrency,
+            "refresher": {"seconds": round2(cycle_s), "users_per_s": ours.round()},
+            "batch_query_alone": {"seconds": round2(query_only_s), "users_per_s": (users as f64 / query_only_s).round()},
+            "per_user_baseline": {"users": sample.len(), "seconds": round2(baseline_s), "users_per_s": base.round()},
+            "ratio_refresher_over_baseline": round2(ours / base),
+        })
+    );
+}

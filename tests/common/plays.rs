@@ -1,0 +1,53 @@
+//! Plays written straight into ClickHouse (no Kafka) and the oracle that ranks them
+//! independently of the query module: for tests of what reads `plays_minute`.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+
+use topk::window::{RankedSong, Window, rank};
+use topk_aggregator::batch::Batch;
+
+pub const MINUTE: i64 = 60_000;
+pub const DAY: i64 = 24 * 60 * MINUTE;
+
+/// One play: who, what, when (ms since the epoch).
+#[derive(Debug, Clone, Copy)]
+pub struct Play {
+    pub user: u64,
+    pub song: u64,
+    pub ts: i64,
+}
+
+/// The oracle: count the plays whose minute lies in the window, rank, cut.
+pub fn oracle(plays: &[Play], window: Window, limit: usize) -> BTreeMap<u64, Vec<RankedSong>> {
+    let mut counts: HashMap<u64, HashMap<u64, u64>> = HashMap::new();
+    for play in plays {
+        let minute = (play.ts.div_euclid(MINUTE) * 60) as u32;
+        if window.contains(minute) {
+            *counts
+                .entry(play.user)
+                .or_default()
+                .entry(play.song)
+                .or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(user, songs)| (user, rank(songs.into_iter().collect(), limit)))
+        .collect()
+}
+
+/// A flush batch of `plays` covering the offsets `[start, start + plays)`, counted per
+/// (user, song, minute) as the aggregator counts them.
+pub fn batch(plays: &[Play], start: u64) -> Batch {
+    let mut batch = Batch::open(0, start, start as i64, None);
+    batch.end_offset = start + plays.len() as u64;
+    for play in plays {
+        let minute = (play.ts.div_euclid(MINUTE) * 60) as u32;
+        *batch
+            .counts
+            .entry((play.user, play.song, minute))
+            .or_insert(0) += 1;
+    }
+    batch
+}

@@ -1,0 +1,796 @@
+//! The refresher and the warm-up against real ClickHouse and Redis (and the stack's Redis
+//! Cluster): the `replace_top` script's contract, atomicity and version guard; after a cycle,
+//! Redis equals the exact answer as of `computed_at` for every user (an oracle ranking the raw
+//! plays, and the query module as `topk top --fresh` computes it); answers age with an injected
+//! clock until the keys are gone; racing refreshers and warm-ups; the cluster.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bb8_redis::redis::{self, AsyncCommands};
+use common::plays::{DAY, MINUTE, Play, oracle};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use topk::cache::{Conn, Redis, meta_key, songs_key};
+use topk::clock::{Clock, ManualClock};
+use topk::config::{ClickHouseArgs, RedisArgs};
+use topk::query::TopQuery;
+use topk::window::{MAX_LIMIT, RankedSong, Window, rank, rfc3339_ms};
+use topk_aggregator::store::Store;
+use topk_refresher::store::{Answer, Outcome, Target, replace};
+use topk_refresher::{Refresh, RefreshSettings, Refresher};
+
+/// `TOPK_TEST_SCALE` multiplies the users and plays of the oracle tests (CI runs 1).
+fn scale() -> usize {
+    std::env::var("TOPK_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+fn settings() -> RefreshSettings {
+    RefreshSettings {
+        batch_size: 50,
+        concurrency: 2,
+        key_ttl: Duration::from_secs(8 * 24 * 3600),
+        tombstone_ttl: Duration::from_millis(300),
+        touch_margin: Duration::from_secs(120),
+        catch_up: Duration::from_secs(3600),
+    }
+}
+
+/// Writes plays exactly as the aggregator's flush does: counts, day touches, user touches.
+async fn flush(store: &Store, plays: &[Play], first_offset: u64) {
+    let batch = common::plays::batch(plays, first_offset);
+    store.write_counts(&[&batch]).await.expect("counts");
+    store.write_touches(&[&batch]).await.expect("day touches");
+    store
+        .write_user_touches(&[&batch])
+        .await
+        .expect("user touches");
+}
+
+fn random_plays(rng: &mut impl Rng, users: u64, n: usize, now: i64) -> Vec<Play> {
+    (0..n)
+        .map(|_| Play {
+            user: rng.random_range(1..=users),
+            song: rng.random_range(1..=60),
+            // Nine days back (some already out of the window) to 4 minutes ahead.
+            ts: now - rng.random_range(-4 * MINUTE..9 * DAY),
+        })
+        .collect()
+}
+
+async fn exists(conn: &mut Conn, prefix: &str, user: u64) -> u64 {
+    redis::cmd("EXISTS")
+        .arg(songs_key(prefix, user))
+        .arg(meta_key(prefix, user))
+        .query_async(conn)
+        .await
+        .expect("exists")
+}
+
+struct Env {
+    clickhouse: ClickHouseArgs,
+    redis_args: RedisArgs,
+    redis: Redis,
+    store: Store,
+    query: TopQuery,
+    client: clickhouse::Client,
+}
+
+impl Env {
+    /// Every user's answer in Redis equals the oracle's as of `computed_at_ms`, at limits 10 and
+    /// 50, and equals what the query module (`topk top --fresh`) computes for that instant; users
+    /// without plays have no answer.
+    async fn assert_exact(&self, plays: &[Play], users: u64, computed_at_ms: i64, phase: &str) {
+        let (redis, prefix, query) = (&self.redis, self.redis_args.prefix.as_str(), &self.query);
+        let window = Window::at(computed_at_ms);
+        let expected = oracle(plays, window, MAX_LIMIT);
+        let all: Vec<u64> = (1..=users).collect();
+        let fresh = query
+            .top_for_users(&all, window, MAX_LIMIT)
+            .await
+            .expect("fresh query");
+        for user in 1..=users {
+            let want = expected.get(&user).cloned().unwrap_or_default();
+            assert_eq!(
+                fresh[&user], want,
+                "{phase}: query module vs oracle, user {user}"
+            );
+            for limit in [10, MAX_LIMIT] {
+                let cached = redis.read_top(prefix, user, limit).await.expect("read");
+                if want.is_empty() {
+                    assert_eq!(cached, None, "{phase}: user {user} has no plays, no answer");
+                    continue;
+                }
+                let cached = cached.unwrap_or_else(|| panic!("{phase}: user {user} not cached"));
+                let want_limited: Vec<RankedSong> = want.iter().take(limit).copied().collect();
+                assert_eq!(
+                    cached.songs, want_limited,
+                    "{phase}: user {user} limit {limit}"
+                );
+                assert_eq!(cached.computed_at, rfc3339_ms(computed_at_ms), "{phase}");
+                assert_eq!(cached.window.start, window.start_rfc3339(), "{phase}");
+                assert_eq!(cached.window.end, window.end_rfc3339(), "{phase}");
+            }
+        }
+    }
+}
+
+async fn env(redis_args: RedisArgs) -> Env {
+    let clickhouse = common::migrated_database().await;
+    let client = topk::olap::client(&clickhouse);
+    Env {
+        store: Store::new(client.clone(), "plays"),
+        query: TopQuery::new(client.clone()),
+        redis: Redis::connect(&redis_args).expect("redis"),
+        redis_args,
+        clickhouse,
+        client,
+    }
+}
+
+fn target(prefix: &str, tombstone_ms: u64) -> Target {
+    Target {
+        prefix: prefix.to_owned(),
+        ttl: Duration::from_secs(3600),
+        tombstone_ttl: Duration::from_millis(tombstone_ms),
+    }
+}
+
+fn songs(list: &[(u64, u64)]) -> Vec<RankedSong> {
+    rank(list.to_vec(), MAX_LIMIT)
+}
+
+#[tokio::test]
+async fn replace_top_contract_and_guard() {
+    let args = common::redis_args();
+    let redis = Redis::connect(&args).expect("redis");
+    let mut conn = redis.get().await.expect("connection");
+    let prefix = args.prefix.as_str();
+    let target = target(prefix, 60_000);
+    let window = Window::at(common::workload::now_ms());
+    let t0 = common::workload::now_ms();
+
+    // A first answer: the two keys of the contract, with TTLs.
+    let first = songs(&[(7, 31), (9, 12), (3, 12)]);
+    let answer = Answer {
+        user_id: 42,
+        songs: &first,
+    };
+    assert_eq!(
+        replace(&mut conn, &target, &answer, window, t0)
+            .await
+            .expect("replace"),
+        Outcome::Written
+    );
+    let zset: Vec<(u64, u64)> = conn
+        .zrange_withscores(songs_key(prefix, 42), 0, -1)
+        .await
+        .expect("zrange");
+    assert_eq!(zset, vec![(3, 12), (9, 12), (7, 31)]);
+    let meta: HashMap<String, String> = conn.hgetall(meta_key(prefix, 42)).await.expect("meta");
+    let want_meta: HashMap<String, String> = [
+        ("computed_at_ms", t0.to_string()),
+        ("computed_at", rfc3339_ms(t0)),
+        ("window_start", window.start_rfc3339()),
+        ("window_end", window.end_rfc3339()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(meta, want_meta);
+    for key in [songs_key(prefix, 42), meta_key(prefix, 42)] {
+        let ttl: i64 = conn.pttl(&key).await.expect("pttl");
+        assert!(ttl > 0 && ttl <= 3_600_000, "{key} has the TTL: {ttl}");
+    }
+    let read = redis
+        .read_top(prefix, 42, 2)
+        .await
+        .expect("read")
+        .expect("cached");
+    assert_eq!(read.songs, first[..2].to_vec());
+
+    // An older computation never overwrites a newer one.
+    let older = songs(&[(1, 100)]);
+    let stale = Answer {
+        user_id: 42,
+        songs: &older,
+    };
+    assert_eq!(
+        replace(&mut conn, &target, &stale, window, t0 - 1)
+            .await
+            .expect("replace"),
+        Outcome::Refused
+    );
+    assert_eq!(
+        redis
+            .read_top(prefix, 42, 50)
+            .await
+            .expect("read")
+            .expect("cached")
+            .songs,
+        first
+    );
+
+    // The same version again is a retry: rewritten, same content.
+    assert_eq!(
+        replace(&mut conn, &target, &answer, window, t0)
+            .await
+            .expect("replace"),
+        Outcome::Written
+    );
+
+    // A newer one replaces the whole answer (songs not in it are gone).
+    let newer = songs(&[(5, 2), (9, 13)]);
+    let answer = Answer {
+        user_id: 42,
+        songs: &newer,
+    };
+    assert_eq!(
+        replace(&mut conn, &target, &answer, window, t0 + 1)
+            .await
+            .expect("replace"),
+        Outcome::Written
+    );
+    let read = redis
+        .read_top(prefix, 42, 50)
+        .await
+        .expect("read")
+        .expect("cached");
+    assert_eq!(read.songs, newer);
+    assert_eq!(read.computed_at, rfc3339_ms(t0 + 1));
+
+    // An empty answer deletes the songs and leaves a tombstone with the version only.
+    let empty = Answer {
+        user_id: 42,
+        songs: &[],
+    };
+    assert_eq!(
+        replace(&mut conn, &target, &empty, window, t0 + 2)
+            .await
+            .expect("replace"),
+        Outcome::Emptied
+    );
+    let zcard: u64 = conn.zcard(songs_key(prefix, 42)).await.expect("zcard");
+    assert_eq!(zcard, 0);
+    let meta: HashMap<String, String> = conn.hgetall(meta_key(prefix, 42)).await.expect("meta");
+    assert_eq!(
+        meta,
+        HashMap::from([("computed_at_ms".to_owned(), (t0 + 2).to_string())])
+    );
+    let ttl: i64 = conn.pttl(meta_key(prefix, 42)).await.expect("pttl");
+    assert!(ttl > 0 && ttl <= 60_000, "tombstone TTL {ttl}");
+    assert_eq!(
+        redis.read_top(prefix, 42, 10).await.expect("read"),
+        None,
+        "a tombstone is a miss"
+    );
+    // …which an older answer still in flight cannot undo.
+    assert_eq!(
+        replace(&mut conn, &target, &answer, window, t0 + 1)
+            .await
+            .expect("replace"),
+        Outcome::Refused
+    );
+    assert_eq!(redis.read_top(prefix, 42, 10).await.expect("read"), None);
+
+    // Without a tombstone TTL shorter than the test, the keys vanish: "no keys" in the end.
+    let short = self::target(prefix, 50);
+    assert_eq!(
+        replace(&mut conn, &short, &empty, window, t0 + 3)
+            .await
+            .expect("replace"),
+        Outcome::Emptied
+    );
+    wait_for_no_keys(&mut conn, prefix, 42).await;
+
+    // Bad arguments are refused by the script itself.
+    let error = redis::cmd("EVAL")
+        .arg(include_str!("../lua/replace_top.lua"))
+        .arg(2)
+        .arg(songs_key(prefix, 1))
+        .arg(meta_key(prefix, 1))
+        .arg("not-a-number")
+        .arg(1000)
+        .arg(1000)
+        .arg("a")
+        .arg("b")
+        .arg("c")
+        .query_async::<i64>(&mut conn)
+        .await
+        .expect_err("refused");
+    assert!(error.to_string().contains("bad arguments"), "{error}");
+    assert_eq!(exists(&mut conn, prefix, 1).await, 0);
+}
+
+/// Polls until the tombstone has expired (Redis time, not a timed assertion: it only bounds
+/// how long the test waits for something that must happen).
+async fn wait_for_no_keys(conn: &mut Conn, prefix: &str, user: u64) {
+    for _ in 0..200 {
+        if exists(conn, prefix, user).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the keys of user {user} never expired");
+}
+
+/// Readers in transactions (as `read_top` reads) never see the songs of one version with the
+/// meta of another, while writers replace the answer as fast as they can.
+#[tokio::test]
+async fn replace_top_is_atomic_for_readers() {
+    let args = common::redis_args();
+    let redis = Redis::connect(&args).expect("redis");
+    let prefix = args.prefix.clone();
+    let target = target(&prefix, 60_000);
+    let window = Window::at(common::workload::now_ms());
+    let stop = CancellationToken::new();
+
+    // Version v stores songs 1..=20 with plays v (even v) or an empty answer (v % 10 == 9):
+    // a reader can tell which version each part belongs to.
+    let writer = {
+        let redis = redis.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut conn = redis.get().await.expect("connection");
+            let mut version = 1_000i64;
+            while !stop.is_cancelled() {
+                version += 1;
+                let list: Vec<(u64, u64)> = if version % 10 == 9 {
+                    Vec::new()
+                } else {
+                    (1..=20).map(|song| (song, version as u64)).collect()
+                };
+                let ranked = songs(&list);
+                let answer = Answer {
+                    user_id: 7,
+                    songs: &ranked,
+                };
+                replace(&mut conn, &target, &answer, window, version)
+                    .await
+                    .expect("replace");
+            }
+            version
+        })
+    };
+    let mut conn = redis.get().await.expect("connection");
+    let mut seen = 0;
+    for _ in 0..2_000 {
+        let (meta, zset): (HashMap<String, String>, Vec<(u64, u64)>) = redis::pipe()
+            .atomic()
+            .hgetall(meta_key(&prefix, 7))
+            .zrange_withscores(songs_key(&prefix, 7), 0, -1)
+            .query_async(&mut conn)
+            .await
+            .expect("read");
+        let Some(version) = meta.get("computed_at_ms") else {
+            assert!(zset.is_empty(), "songs without meta: {zset:?}");
+            continue;
+        };
+        let version: u64 = version.parse().expect("number");
+        if version % 10 == 9 {
+            assert!(zset.is_empty(), "a tombstone with songs: {zset:?}");
+            assert_eq!(meta.len(), 1, "a tombstone holds only the version");
+        } else {
+            seen += 1;
+            assert_eq!(zset.len(), 20, "version {version}: a partial set {zset:?}");
+            assert!(
+                zset.iter().all(|&(_, plays)| plays == version),
+                "version {version}: {zset:?}"
+            );
+            assert_eq!(meta.len(), 4, "version {version}: {meta:?}");
+        }
+    }
+    stop.cancel();
+    let last = writer.await.expect("writer");
+    assert!(
+        last > 1_001 && seen > 0,
+        "the writer and the readers both ran"
+    );
+}
+
+/// After each cycle, every user's answer in Redis is exact as of the cycle's `computed_at`:
+/// first fill, new flushes for some users, time moving by minutes and by a day.
+#[tokio::test]
+async fn refresh_cycles_keep_redis_exact() {
+    let env = env(common::redis_args()).await;
+    refresh_oracle(&env, 60 * scale() as u64, 3_000 * scale()).await;
+    common::drop_database(&env.clickhouse).await;
+}
+
+/// The same cycles against the stack's 3-master Redis Cluster (`scripts/stack up redis-cluster`).
+#[tokio::test]
+async fn refresh_cycles_keep_a_redis_cluster_exact() {
+    let env = env(common::redis_cluster_args()).await;
+    let mut conn = env.redis.get().await.unwrap_or_else(|error| {
+        panic!(
+            "Redis Cluster at {} (scripts/stack up redis-cluster): {error}",
+            env.redis_args.url
+        )
+    });
+    // The users' keys spread over every master.
+    let masters: Vec<u16> = (1..=30u64)
+        .map(|user| {
+            let tag = user.to_string();
+            slot_owner(crc16(tag.as_bytes()) % 16_384)
+        })
+        .collect();
+    assert!(masters.contains(&0) && masters.contains(&2));
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("ping");
+    assert_eq!(pong, "PONG");
+    refresh_oracle(&env, 30 * scale() as u64, 1_500 * scale()).await;
+    common::drop_database(&env.clickhouse).await;
+}
+
+/// Which of three equal slot ranges (as `redis-cli --cluster create` assigns them) holds a slot.
+fn slot_owner(slot: u16) -> u16 {
+    match slot {
+        0..=5460 => 0,
+        5461..=10922 => 1,
+        _ => 2,
+    }
+}
+
+/// CRC16/XMODEM, Redis Cluster's key hash.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc = 0u16;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+async fn refresh_oracle(env: &Env, users: u64, n: usize) {
+    let mut rng = common::workload::rng("refresher");
+    let prefix = env.redis_args.prefix.as_str();
+    let now = common::workload::now_ms();
+    let clock = ManualClock::at(now);
+    let mut plays = random_plays(&mut rng, users, n, now);
+    flush(&env.store, &plays, 0).await;
+    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings());
+
+    let report = refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(report.refreshed.failed, Vec::<u64>::new());
+    assert_eq!(report.refreshed.refused, 0);
+    env.assert_exact(&plays, users, clock.now_ms(), "first cycle")
+        .await;
+
+    // New plays for a few users (one flush), a minute later.
+    clock.advance_ms(MINUTE);
+    let more: Vec<Play> = (0..200)
+        .map(|_| Play {
+            user: rng.random_range(1..=users / 4),
+            song: rng.random_range(1..=60),
+            ts: clock.now_ms() - rng.random_range(0..3 * DAY),
+        })
+        .collect();
+    flush(&env.store, &more, 1_000_000).await;
+    plays.extend(&more);
+    let report = refresher.cycle(&clock).await.expect("cycle");
+    assert!(
+        report.users as u64 <= users,
+        "only changed users: {}",
+        report.users
+    );
+    env.assert_exact(&plays, users, clock.now_ms(), "after a flush")
+        .await;
+
+    // Time moves: minutes, then a day and some hours; plays leave the window and future
+    // plays enter it, without any flush.
+    for step in [7 * MINUTE, DAY + 5 * 60 * MINUTE] {
+        clock.advance_ms(step);
+        let report = refresher.cycle(&clock).await.expect("cycle");
+        assert!(report.refreshed.failed.is_empty());
+        env.assert_exact(&plays, users, clock.now_ms(), "time moved")
+            .await;
+    }
+}
+
+/// A user who stops listening: songs drop out of the cached answer exactly when their last
+/// play leaves the window, future plays come in when their minute is reached, and in the end
+/// the user has no keys. Time comes from an injected clock.
+#[tokio::test]
+async fn answers_age_with_the_window_until_no_keys_are_left() {
+    let env = env(common::redis_args()).await;
+    let prefix = env.redis_args.prefix.as_str();
+    let now = common::workload::now_ms();
+    let clock = ManualClock::at(now);
+    let window = Window::at(now);
+    let start = i64::from(window.start) * 1000;
+    let end = i64::from(window.end) * 1000;
+    let plays = vec![
+        // Song 1: three plays in the window's first minute, then gone.
+        Play {
+            user: 7,
+            song: 1,
+            ts: start,
+        },
+        Play {
+            user: 7,
+            song: 1,
+            ts: start + 10,
+        },
+        Play {
+            user: 7,
+            song: 1,
+            ts: start + 59_999,
+        },
+        // Song 2: two plays, leaving two hours later.
+        Play {
+            user: 7,
+            song: 2,
+            ts: start + 2 * 60 * MINUTE,
+        },
+        Play {
+            user: 7,
+            song: 2,
+            ts: start + 2 * 60 * MINUTE + 5,
+        },
+        // Song 3: one play a day later.
+        Play {
+            user: 7,
+            song: 3,
+            ts: start + DAY,
+        },
+        // User 8: one play three minutes ahead (accepted by the aggregator, counts later).
+        Play {
+            user: 8,
+            song: 4,
+            ts: end + 2 * MINUTE,
+        },
+    ];
+    flush(&env.store, &plays, 0).await;
+    // No touch overlap, so that after the first cycle only the window's movement brings users
+    // back: this test is about that path.
+    let no_overlap = RefreshSettings {
+        touch_margin: Duration::ZERO,
+        ..settings()
+    };
+    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &no_overlap);
+    let mut conn = env.redis.get().await.expect("connection");
+
+    let top = |user| {
+        let redis = env.redis.clone();
+        async move {
+            redis
+                .read_top(prefix, user, 10)
+                .await
+                .expect("read")
+                .map(|answer| {
+                    answer
+                        .songs
+                        .iter()
+                        .map(|s| (s.song_id, s.plays))
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    // Touches carry the server's second and a cycle re-reads its cursor's second: wait for the
+    // next second, so that later cycles read no touch at all.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(refresher.cycle(&clock).await.expect("cycle").users, 2);
+    assert_eq!(top(7).await, Some(vec![(1, 3), (2, 2), (3, 1)]));
+    assert_eq!(top(8).await, None, "a future play does not count yet");
+
+    // One minute later, the first minute has left the window: user 7 alone is recomputed.
+    clock.advance_ms(MINUTE);
+    assert_eq!(refresher.cycle(&clock).await.expect("cycle").users, 1);
+    assert_eq!(top(7).await, Some(vec![(2, 2), (3, 1)]));
+    assert_eq!(top(8).await, None, "still one minute ahead");
+
+    // Two more minutes: user 8's play has entered the window, and only user 8 changed.
+    clock.advance_ms(2 * MINUTE);
+    assert_eq!(refresher.cycle(&clock).await.expect("cycle").users, 1);
+    assert_eq!(top(8).await, Some(vec![(4, 1)]));
+
+    // Just before song 2's minute leaves, it is still there; just after, it is gone.
+    clock.set(now + 2 * 60 * MINUTE);
+    refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(top(7).await, Some(vec![(2, 2), (3, 1)]));
+    clock.set(now + 2 * 60 * MINUTE + MINUTE);
+    refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(top(7).await, Some(vec![(3, 1)]));
+
+    // A day later, nothing is left: no answer at once, and no keys once the tombstone expires.
+    clock.set(now + DAY + MINUTE);
+    let report = refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(report.refreshed.emptied, 1, "{report:?}");
+    assert_eq!(top(7).await, None);
+    wait_for_no_keys(&mut conn, prefix, 7).await;
+    assert_eq!(
+        top(8).await,
+        Some(vec![(4, 1)]),
+        "user 8 still listened to song 4"
+    );
+    common::drop_database(&env.clickhouse).await;
+}
+
+/// Warm-up fills every user; two refreshers and an older warm-up racing each other leave the
+/// newest answers; the guard counts the refusals.
+#[tokio::test]
+async fn warmup_and_racing_refreshers_never_regress() {
+    let env = env(common::redis_args()).await;
+    let prefix = env.redis_args.prefix.as_str();
+    let users = 40 * scale() as u64;
+    let mut rng = common::workload::rng("warmup");
+    let now = common::workload::now_ms();
+    let clock = ManualClock::at(now);
+    let mut plays = random_plays(&mut rng, users, 2_000 * scale(), now);
+    flush(&env.store, &plays, 0).await;
+
+    // Tombstones outlive the test, so that the late warm-up below meets every version.
+    let settings = RefreshSettings {
+        tombstone_ttl: Duration::from_secs(600),
+        ..settings()
+    };
+    let refresh = Refresh::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let report = topk_refresher::warmup(&refresh, &env.client, &clock, 7, CancellationToken::new())
+        .await
+        .expect("warm-up");
+    let in_window = oracle(&plays, Window::at(now), 1).len() as u64;
+    assert!(report.complete);
+    assert_eq!(
+        (report.users, report.written, report.failed),
+        (in_window, in_window, 0)
+    );
+    env.assert_exact(&plays, users, now, "after warm-up").await;
+
+    // Re-running is idempotent.
+    let again = topk_refresher::warmup(
+        &refresh,
+        &env.client,
+        &clock,
+        1_000,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("warm-up");
+    assert_eq!((again.users, again.written), (in_window, in_window));
+
+    // New plays, then two refreshers at once, a minute later.
+    let more = random_plays(&mut rng, users, 500, now);
+    flush(&env.store, &more, 1_000_000).await;
+    plays.extend(&more);
+    clock.advance_ms(MINUTE);
+    let mut a = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let mut b = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let (ra, rb) = tokio::join!(a.cycle(&clock), b.cycle(&clock));
+    let (ra, rb) = (ra.expect("cycle a"), rb.expect("cycle b"));
+    assert!(ra.refreshed.failed.is_empty() && rb.refreshed.failed.is_empty());
+    env.assert_exact(&plays, users, clock.now_ms(), "two refreshers")
+        .await;
+
+    // A warm-up that read ClickHouse earlier (older clock) cannot overwrite anything.
+    let old_clock = ManualClock::at(now);
+    let late = topk_refresher::warmup(
+        &refresh,
+        &env.client,
+        &old_clock,
+        1_000,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("warm-up");
+    assert_eq!(late.written, 0, "{late:?}");
+    assert_eq!(late.refused, late.users);
+    env.assert_exact(&plays, users, clock.now_ms(), "after a late warm-up")
+        .await;
+
+    // An interrupted warm-up reports itself incomplete and leaves only whole answers.
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    let stopped = topk_refresher::warmup(&refresh, &env.client, &clock, 5, cancelled)
+        .await
+        .expect("warm-up");
+    assert!(!stopped.complete);
+    common::drop_database(&env.clickhouse).await;
+}
+
+/// A ClickHouse that does not answer: the cycle fails without moving its cursors and the
+/// refresher goes on; nothing in Redis changes. Then the users come back exact.
+#[tokio::test]
+async fn a_failing_clickhouse_delays_answers_but_loses_none() {
+    let env = env(common::redis_args()).await;
+    let prefix = env.redis_args.prefix.as_str();
+    let now = common::workload::now_ms();
+    let clock = ManualClock::at(now);
+    let plays = vec![Play {
+        user: 5,
+        song: 9,
+        ts: now - MINUTE,
+    }];
+    flush(&env.store, &plays, 0).await;
+
+    let broken = topk::olap::client(&common::clickhouse_args("no_such_database_for_topk"));
+    let mut refresher = Refresher::new(broken, env.redis.clone(), prefix, &settings());
+    assert!(refresher.cycle(&clock).await.is_err());
+    // A good ClickHouse for the change queries but a failing one for the answers: the users
+    // are kept for the next cycle.
+    let refresh = Refresh::new(
+        topk::olap::client(&common::clickhouse_args("no_such_database_for_topk")),
+        env.redis.clone(),
+        prefix,
+        &settings(),
+    );
+    let failed = refresh.users(&[5], Window::at(now), now).await;
+    assert_eq!(failed.failed, vec![5]);
+    assert_eq!(env.redis.read_top(prefix, 5, 10).await.expect("read"), None);
+
+    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings());
+    refresher.cycle(&clock).await.expect("cycle");
+    env.assert_exact(&plays, 5, now, "after recovery").await;
+    common::drop_database(&env.clickhouse).await;
+}
+
+/// A Redis that lost its scripts (restart, SCRIPT FLUSH) between the cycle's load and a chunk:
+/// the chunk's pipeline meets NOSCRIPT, loads the script again and resends. On a private
+/// server, because flushing scripts is not something to do to a shared one.
+#[tokio::test]
+async fn a_chunk_survives_a_script_flush() {
+    let port: u16 = 31_000 + (std::process::id() % 2_000) as u16;
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let args = RedisArgs {
+        url: format!("redis://127.0.0.1:{port}"),
+        ..common::redis_args()
+    };
+    let redis = Redis::connect(&args).expect("redis");
+    let mut conn = None;
+    for _ in 0..100 {
+        if let Ok(c) = redis.get().await {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = conn.expect("the private redis-server answers");
+    let target = target(&args.prefix, 60_000);
+    let window = Window::at(common::workload::now_ms());
+    let ranked = songs(&[(1, 2)]);
+    let answers: Vec<Answer<'_>> = (1..=3)
+        .map(|user_id| Answer {
+            user_id,
+            songs: &ranked,
+        })
+        .collect();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
+    let outcomes = topk_refresher::store::replace_all(&conn, &target, &answers, window, 5)
+        .await
+        .expect("written after reloading the script");
+    assert_eq!(outcomes, vec![Outcome::Written; 3]);
+    for user in 1..=3 {
+        let read = redis.read_top(&args.prefix, user, 10).await.expect("read");
+        assert_eq!(read.map(|a| a.songs), Some(ranked.clone()));
+    }
+    server.kill().expect("stop the private redis-server");
+    let _ = server.wait();
+}

@@ -1,0 +1,155 @@
+//! The refresher (`topk refresh`) and the warm-up job (`topk warmup`): they keep Redis equal to
+//! what ClickHouse says, one user's top-K at a time, within one refresh interval.
+//!
+//! # Layout
+//!
+//! - [`changes`]: which users may have a new answer (touched by a flush; window moved);
+//! - [`refresh`]: recomputing a set of users with the batch query, and the refresher's cursors;
+//! - [`store`]: the `replace_top` Lua script: atomic, version-guarded replace with TTL;
+//! - [`warmup`]: every user with plays in the window, paged, with progress;
+//! - [`events`]: the log line and metric of each event;
+//! - [`run`]: a cycle every `--refresh-interval` until shutdown.
+//!
+//! The invariants and the argument for them are in ARCHITECTURE.md ("The refresher").
+
+pub mod changes;
+pub mod events;
+pub mod refresh;
+pub mod store;
+pub mod warmup;
+
+use std::time::Duration;
+
+use clap::builder::TypedValueParser as _;
+
+use tokio_util::sync::CancellationToken;
+use topk::cache::{CacheError, Redis};
+use topk::clock::SharedClock;
+use topk::config::{ClickHouseArgs, RedisArgs, TelemetryArgs};
+
+pub use refresh::{CycleReport, Refresh, Refreshed, Refresher};
+pub use warmup::{WarmupReport, warmup};
+
+/// Errors of the refresher and the warm-up.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("ClickHouse error: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error(transparent)]
+    Query(#[from] topk::query::QueryError),
+    #[error("Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
+        Ok(_) => Err("must be at least 1ms".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// How answers are computed and stored: shared by `topk refresh` and `topk warmup`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RefreshSettings {
+    /// Users per ClickHouse batch query.
+    #[arg(long, env = "TOPK_REFRESH_BATCH_SIZE", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub batch_size: usize,
+    /// Batch queries in flight at once (bounds the load on ClickHouse).
+    #[arg(long, env = "TOPK_REFRESH_CONCURRENCY", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64).map(|n| n as usize))]
+    pub concurrency: usize,
+    /// TTL of a user's keys, renewed by every write. Longer than the window, so that only users
+    /// no refresher looks after any more (abandoned prefixes, stopped refreshers) vanish by TTL.
+    #[arg(long, env = "TOPK_REFRESH_KEY_TTL", default_value = "8d", value_parser = duration)]
+    pub key_ttl: Duration,
+    /// How long the tombstone of an emptied answer keeps its version, so that an older answer
+    /// still in flight cannot bring the user back. Longer than any computation takes.
+    #[arg(long, env = "TOPK_REFRESH_TOMBSTONE_TTL", default_value = "15m", value_parser = duration)]
+    pub tombstone_ttl: Duration,
+    /// Overlap of consecutive reads of the users touched by flushes: longer than an insert into
+    /// ClickHouse can take to become visible.
+    #[arg(long, env = "TOPK_REFRESH_TOUCH_MARGIN", default_value = "2m", value_parser = duration)]
+    pub touch_margin: Duration,
+    /// How far back the first cycle of a process looks (touches and window movement). After a
+    /// longer outage, run `topk warmup`.
+    #[arg(long, env = "TOPK_REFRESH_CATCH_UP", default_value = "1h", value_parser = duration)]
+    pub catch_up: Duration,
+}
+
+/// `topk refresh`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RefresherArgs {
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub settings: RefreshSettings,
+    /// Time between the starts of two cycles (a cycle that takes longer delays the next one).
+    #[arg(long, env = "TOPK_REFRESH_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub refresh_interval: Duration,
+}
+
+/// `topk warmup`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WarmupArgs {
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub settings: RefreshSettings,
+    /// Users read from ClickHouse per page (each page is refreshed in batches).
+    #[arg(long, env = "TOPK_WARMUP_PAGE_SIZE", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000).map(|n| n as usize))]
+    pub page_size: usize,
+}
+
+/// Runs a refresh cycle every `refresh_interval` until `shutdown`. A failing ClickHouse or
+/// Redis is logged and retried at the next cycle; the process never stops for it. Stopping in
+/// the middle of a cycle is safe: every stored answer is complete and versioned.
+pub async fn run(
+    args: RefresherArgs,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> Result<(), RefreshError> {
+    let redis = Redis::connect(&args.redis)?;
+    let client = topk::olap::client(&args.clickhouse);
+    let mut refresher = Refresher::new(client, redis, &args.redis.prefix, &args.settings);
+    let mut tick = tokio::time::interval(args.refresh_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = refresher.cycle(clock.as_ref()) => {
+                if let Err(error) = result {
+                    events::cycle_failed(&error);
+                }
+            }
+        }
+    }
+    tracing::info!("refresher stopped");
+    Ok(())
+}
+
+/// `topk warmup` as a library call.
+pub async fn run_warmup(
+    args: WarmupArgs,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> Result<WarmupReport, RefreshError> {
+    let redis = Redis::connect(&args.redis)?;
+    let client = topk::olap::client(&args.clickhouse);
+    let refresh = Refresh::new(client.clone(), redis, &args.redis.prefix, &args.settings);
+    warmup(&refresh, &client, clock.as_ref(), args.page_size, shutdown).await
+}
