@@ -12,7 +12,8 @@
 //! (users per query, 2,000), `TOPK_BENCH_CONCURRENCY` (queries in flight, 2),
 //! `TOPK_BENCH_BASELINE_USERS` (users timed for the per-user baseline, 2,000). Every user is
 //! marked touched, so one refresher cycle recomputes all of them; keys get a 10-minute TTL.
-//! `TOPK_BENCH_KEEP=1` keeps the ClickHouse database for a closer look.
+//! `TOPK_BENCH_KEEP=1` keeps the ClickHouse database for a closer look;
+//! `TOPK_BENCH_REDIS_CLUSTER=1` writes to the stack's Redis Cluster.
 //! Prints one JSON line.
 
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 #[tokio::main]
 async fn main() {
+    topk::telemetry::init_logging();
     let users: u64 = env_or("TOPK_BENCH_USERS", 100_000);
     let per_user: u64 = env_or("TOPK_BENCH_ROWS_PER_USER", 20);
     let batch_size: usize = env_or("TOPK_BENCH_BATCH", 2_000);
@@ -46,11 +48,19 @@ async fn main() {
         user: "default".into(),
         password: String::new(),
     };
+    // TOPK_BENCH_REDIS_CLUSTER=1: write to the stack's Redis Cluster instead of the one server.
+    let cluster = std::env::var_os("TOPK_BENCH_REDIS_CLUSTER").is_some();
     let redis_args = topk::config::RedisArgs {
-        url: std::env::var("TOPK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        url: if cluster {
+            std::env::var("TOPK_TEST_REDIS_CLUSTER_URLS").unwrap_or_else(|_| {
+                "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+            })
+        } else {
+            std::env::var("TOPK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+        },
         prefix: format!("topk_bench_{:08x}", rand::random::<u32>()),
         pool_size: 4,
-        cluster: false,
+        cluster,
     };
     topk::migrate::run(&args).await.expect("migrate");
     let client = topk::olap::client(&args);
@@ -182,6 +192,7 @@ async fn main() {
         "{}",
         serde_json::json!({
             "benchmark": "refresh",
+            "redis": if cluster { "cluster" } else { "single" },
             "rows": rows,
             "changed_users": report.users,
             "refreshed": refreshed,

@@ -87,7 +87,8 @@ pub struct RedisArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub url: String,
-    /// The URL(s) name Redis Cluster nodes: keys are routed by slot (a user's keys share one).
+    /// Treat `--redis-url` as Redis Cluster seed nodes: keys are routed by slot (a user's two
+    /// keys share one).
     #[arg(
         id = "redis_cluster",
         long = "redis-cluster",

@@ -8,7 +8,7 @@
 //! - [`kafka`]: producer, consumer and admin clients configured the way topk needs them.
 //! - [`olap`]: the ClickHouse client (the source of truth for play counts).
 //! - [`migrate`]: numbered, idempotent SQL migrations from `schema/`.
-//! - [`cache`]: the Redis connection pool and key layout.
+//! - [`cache`]: the Redis (or Redis Cluster) connection pools, key layout and reading an answer.
 //! - [`clock`]: the injectable clock ("now" for windows, rollups and retention).
 //! - [`window`]: the rolling 7-day window, ranking and the answer's JSON.
 //! - [`query`]: the exact top-K query over ClickHouse (single user and batch).

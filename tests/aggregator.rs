@@ -96,6 +96,15 @@ async fn oracle_exact_totals_and_dead_letters(setup: Setup, events: usize) {
     worker.await.expect("joins").expect("clean shutdown");
 
     workload::assert_same_totals(&workload::totals(&setup.clickhouse).await, &load.truth);
+    // Every flush marked the users it counted plays for (what the refresher reads), no other.
+    let touched: Vec<u64> = topk::olap::client(&setup.clickhouse)
+        .query("SELECT DISTINCT user_id FROM user_touches ORDER BY user_id")
+        .fetch_all()
+        .await
+        .expect("user_touches");
+    let counted: std::collections::BTreeSet<u64> =
+        load.truth.keys().map(|&(user, _)| user).collect();
+    assert_eq!(touched, counted.into_iter().collect::<Vec<_>>());
     let dlq = topk::config::dlq_topic(&setup.topic);
     assert_eq!(
         workload::dead_letters(&setup.brokers, &dlq, load.dead_total()).await,

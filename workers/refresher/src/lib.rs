@@ -71,8 +71,10 @@ pub struct RefreshSettings {
     #[arg(long, env = "TOPK_REFRESH_TOMBSTONE_TTL", default_value = "15m", value_parser = duration)]
     pub tombstone_ttl: Duration,
     /// Overlap of consecutive reads of the users touched by flushes: longer than an insert into
-    /// ClickHouse can take to become visible.
-    #[arg(long, env = "TOPK_REFRESH_TOUCH_MARGIN", default_value = "2m", value_parser = duration)]
+    /// ClickHouse can take to become visible (the aggregator already assumes its inserts finish
+    /// within its 10 s session timeout). A touched user is recomputed up to
+    /// 1 + margin / interval times.
+    #[arg(long, env = "TOPK_REFRESH_TOUCH_MARGIN", default_value = "30s", value_parser = duration)]
     pub touch_margin: Duration,
     /// How far back the first cycle of a process looks (touches and window movement). After a
     /// longer outage, run `topk warmup`.

@@ -111,10 +111,45 @@ pub async fn load(conn: &mut Conn) -> Result<(), redis::RedisError> {
         .map(drop)
 }
 
+/// Script calls per pipeline on one server, and pipelines in flight. A pipeline is one request
+/// and must be answered within the connection's response timeout (500 ms by default): a few
+/// hundred calls take a few milliseconds of Redis time, and a bounded number in flight keeps
+/// the queue in front of the last one short.
+const PIPELINE: usize = 250;
+const PIPELINES_IN_FLIGHT: usize = 4;
+
+/// One pipeline of EVALSHA calls.
+async fn pipeline(
+    mut conn: Conn,
+    target: &Target,
+    answers: &[Answer<'_>],
+    window: Window,
+    computed_at_ms: i64,
+) -> Result<Vec<Outcome>, redis::RedisError> {
+    let calls: Vec<ScriptInvocation<'_>> = answers
+        .iter()
+        .map(|answer| invocation(target, answer, window, computed_at_ms))
+        .collect();
+    let mut pipe = redis::pipe();
+    for call in &calls {
+        pipe.invoke_script(call);
+    }
+    let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
+        // The server lost its scripts (restart, SCRIPT FLUSH) since the cycle loaded it: load
+        // again and resend; every call is idempotent.
+        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            load(&mut conn).await?;
+            pipe.query_async(&mut conn).await?
+        }
+        other => other?,
+    };
+    replies.into_iter().map(Outcome::from_reply).collect()
+}
+
 /// Writes a chunk of answers. Returns the outcome of each answer, in no particular order, or
 /// the first error.
 ///
-/// On one server, the chunk is one pipeline of EVALSHA calls: one round trip. A cluster
+/// On one server, the chunk goes as pipelines of EVALSHA calls (a few round trips). A cluster
 /// pipeline may not span slots, so there the calls run concurrently on the multiplexed cluster
 /// connection, which sends them to their nodes as they come (a pipeline per node on the wire).
 pub async fn replace_all(
@@ -125,25 +160,14 @@ pub async fn replace_all(
     computed_at_ms: i64,
 ) -> Result<Vec<Outcome>, redis::RedisError> {
     if let Conn::Single(_) = conn {
-        let calls: Vec<ScriptInvocation<'_>> = answers
-            .iter()
-            .map(|answer| invocation(target, answer, window, computed_at_ms))
-            .collect();
-        let mut pipe = redis::pipe();
-        for call in &calls {
-            pipe.invoke_script(call);
-        }
-        let mut conn = conn.clone();
-        let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
-            // The server lost its scripts (restart, SCRIPT FLUSH) since the cycle loaded it:
-            // load again and resend; every call is idempotent.
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                load(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
-        return replies.into_iter().map(Outcome::from_reply).collect();
+        let pipelines: Vec<Vec<Outcome>> = futures::stream::iter(answers.chunks(PIPELINE))
+            .map(|part| pipeline(conn.clone(), target, part, window, computed_at_ms))
+            .buffer_unordered(PIPELINES_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        return Ok(pipelines.into_iter().flatten().collect());
     }
     futures::stream::iter(answers)
         .map(|answer| {
