@@ -125,6 +125,28 @@ async fn main() {
     assert!(report.refreshed.failed.is_empty(), "no chunk may fail");
     let refreshed = report.refreshed.done();
 
+    // Memory per cached user: what Redis reports for both keys of a sample of users.
+    let bytes_per_user = {
+        let mut conn = redis.get().await.expect("redis connection");
+        let sampled: Vec<u64> = (1..=users).step_by((users as usize / 200).max(1)).collect();
+        let mut total = 0u64;
+        for &user in &sampled {
+            for key in [
+                topk::cache::songs_key(&redis_args.prefix, user),
+                topk::cache::meta_key(&redis_args.prefix, user),
+            ] {
+                let bytes: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("MEMORY USAGE");
+                total += bytes.unwrap_or(0);
+            }
+        }
+        total / sampled.len().max(1) as u64
+    };
+
     // Where the time goes: the same chunks through the batch query alone, without Redis.
     let query = TopQuery::new(client.clone());
     let all: Vec<u64> = (1..=users).collect();
@@ -202,6 +224,7 @@ async fn main() {
             "batch_query_alone": {"seconds": round2(query_only_s), "users_per_s": (users as f64 / query_only_s).round()},
             "per_user_baseline": {"users": sample.len(), "seconds": round2(baseline_s), "users_per_s": base.round()},
             "ratio_refresher_over_baseline": round2(ours / base),
+            "redis_bytes_per_cached_user": bytes_per_user,
         })
     );
 }
