@@ -215,6 +215,12 @@ pub struct Cached {
     pub tombstone: bool,
 }
 
+fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let time =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// Reads a user's materialised answer (see [`read_cached_on`]).
 pub async fn read_cached(
     redis: &Redis,
@@ -244,17 +250,17 @@ pub async fn read_cached_on<C: redis::aio::ConnectionLike>(
         .zrange_withscores(songs_key(prefix, user_id), 0, -1)
         .query_async(conn)
         .await?;
-    let Some(version) = meta
+    let version = meta
         .get("computed_at_ms")
-        .and_then(|v| v.parse::<i64>().ok())
-    else {
-        return Ok(None);
-    };
+        .and_then(|v| v.parse::<i64>().ok());
     let (Some(computed_at), Some(start), Some(end)) = (
         meta.get("computed_at"),
         meta.get("window_start"),
         meta.get("window_end"),
     ) else {
+        let Some(version) = version else {
+            return Ok(None);
+        };
         return Ok(Some(Cached {
             answer: TopSongs::new(
                 user_id,
@@ -279,7 +285,9 @@ pub async fn read_cached_on<C: redis::aio::ConnectionLike>(
             stale: false,
             songs: rank(songs, limit),
         },
-        computed_at_ms: version,
+        // A meta written by hand (an operator) may lack the version: its RFC 3339 time says the
+        // same to the second; unreadable, it counts as old.
+        computed_at_ms: version.unwrap_or_else(|| parse_rfc3339_ms(computed_at).unwrap_or(0)),
         tombstone: false,
     }))
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bb8_redis::redis::{self, AsyncCommands};
-use common::plays::{DAY, MINUTE, Play, oracle};
+use common::plays::{DAY, MINUTE, Play, flush, oracle};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use topk::cache::{Answer, Outcome, Target, replace};
@@ -39,17 +39,6 @@ fn settings() -> RefreshSettings {
         touch_margin: Duration::from_secs(120),
         catch_up: Duration::from_secs(3600),
     }
-}
-
-/// Writes plays exactly as the aggregator's flush does: counts, day touches, user touches.
-async fn flush(store: &Store, plays: &[Play], first_offset: u64) {
-    let batch = common::plays::batch(plays, first_offset);
-    store.write_counts(&[&batch]).await.expect("counts");
-    store.write_touches(&[&batch]).await.expect("day touches");
-    store
-        .write_user_touches(&[&batch])
-        .await
-        .expect("user touches");
 }
 
 fn random_plays(rng: &mut impl Rng, users: u64, n: usize, now: i64) -> Vec<Play> {

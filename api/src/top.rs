@@ -212,7 +212,8 @@ pub async fn answer(
                 return Ok((answer, AnswerSource::Stale));
             }
             Err(AppError::Unavailable {
-                reason: "no cached answer and ClickHouse did not answer in time".to_owned(),
+                reason: "no cached answer, and ClickHouse failed or did not answer in time"
+                    .to_owned(),
                 retry_after_secs: settings.retry_after_secs,
             })
         }
