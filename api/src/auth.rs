@@ -111,3 +111,23 @@ pub fn authorize(caller: &Caller, user_id: u64) -> Result<(), AppError> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_user_or_admin_only() {
+        let user = Caller {
+            user_id: Some(42),
+            admin: false,
+        };
+        assert!(authorize(&user, 42).is_ok());
+        assert!(matches!(authorize(&user, 43), Err(AppError::Forbidden(_))));
+        let admin = Caller {
+            user_id: None,
+            admin: true,
+        };
+        assert!(authorize(&admin, 43).is_ok());
+    }
+}

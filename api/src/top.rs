@@ -298,3 +298,33 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) 
     };
     (status, Json(ready))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_decimal_u64() {
+        assert_eq!(parse_user_id("0").ok(), Some(0));
+        assert_eq!(parse_user_id("18446744073709551615").ok(), Some(u64::MAX));
+        for bad in ["", "-1", "18446744073709551616", "1e3", "0x10", " 1", "abc"] {
+            assert!(
+                matches!(parse_user_id(bad), Err(AppError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_are_1_to_50_default_10() {
+        assert_eq!(parse_limit(None).ok(), Some(DEFAULT_LIMIT));
+        assert_eq!(parse_limit(Some("1")).ok(), Some(1));
+        assert_eq!(parse_limit(Some("50")).ok(), Some(MAX_LIMIT));
+        for bad in ["0", "51", "", "-1", "ten", "2.5"] {
+            assert!(
+                matches!(parse_limit(Some(bad)), Err(AppError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}
