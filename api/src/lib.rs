@@ -7,6 +7,7 @@
 //! - [`top`]: the answer of one request: cache, fallback, write-back, staleness (the degradation
 //!   table is in ARCHITECTURE.md, "The API");
 //! - [`error`]: [`AppError`], the one error type, mapped to a status and a JSON reason;
+//! - [`conn`]: the one shared Redis connection (a cache hit is one round trip);
 //! - [`auth`]: HS256 JWT bearer tokens (off unless a secret is configured);
 //! - [`openapi`]: the OpenAPI document served at `/openapi.json`, generated from the handlers;
 //! - [`widget`]: the embeddable HTML page;
@@ -15,6 +16,7 @@
 //!   timeout.
 
 pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod observe;
 pub mod openapi;
@@ -137,7 +139,7 @@ pub struct AppState(pub Arc<Inner>);
 
 /// The shared parts of [`AppState`].
 pub struct Inner {
-    pub redis: Redis,
+    pub redis: conn::SharedConn,
     pub prefix: String,
     pub query: TopQuery,
     /// For the readiness ping.
@@ -152,7 +154,7 @@ pub struct Inner {
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("redis", &self.0.redis)
+            .field("redis", self.0.redis.redis())
             .field("prefix", &self.0.prefix)
             .field("auth", &self.0.auth.is_some())
             .finish_non_exhaustive()
@@ -169,7 +171,7 @@ impl AppState {
         auth: Option<auth::Auth>,
     ) -> Self {
         AppState(Arc::new(Inner {
-            redis,
+            redis: conn::SharedConn::new(redis),
             prefix: prefix.to_owned(),
             query: TopQuery::new(clickhouse.clone()),
             clickhouse,

@@ -161,15 +161,16 @@ pub async fn answer(
 ) -> Result<(TopSongs, AnswerSource), AppError> {
     let settings = &state.settings;
     let now = state.clock.now_ms();
-    let read = within(
-        settings.redis_timeout,
-        cache::read_cached(&state.redis, &state.prefix, user_id, limit),
-    )
+    let read = within(settings.redis_timeout, async {
+        let mut conn = state.redis.get().await?;
+        cache::read_cached_on(&mut conn, &state.prefix, user_id, limit).await
+    })
     .await;
     let redis_up = read.is_ok();
     let cached = match read {
         Ok(cached) => cached,
         Err(error) => {
+            state.redis.failed();
             observe::redis_failed("read", &error);
             None
         }
@@ -243,7 +244,10 @@ async fn write_back(
     };
     match within(state.settings.redis_timeout, write).await {
         Ok(outcome) => observe::write_back(outcome),
-        Err(error) => observe::redis_failed("write_back", &error),
+        Err(error) => {
+            state.redis.failed();
+            observe::redis_failed("write_back", &error);
+        }
     }
 }
 
@@ -281,7 +285,7 @@ pub async fn healthz() -> Json<Health> {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
     let state = &state.0;
     let (redis, clickhouse) = tokio::join!(
-        within(state.settings.redis_timeout, state.redis.ping()),
+        within(state.settings.redis_timeout, state.redis.redis().ping()),
         within(
             state.settings.olap_timeout,
             topk::olap::ping(&state.clickhouse)
