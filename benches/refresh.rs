@@ -19,10 +19,10 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use topk::cache::{Answer, Target, replace};
 use topk::clock::{Clock, SystemClock};
 use topk::query::TopQuery;
 use topk::window::{MAX_LIMIT, Window};
-use topk_refresher::store::{Answer, Target, replace};
 use topk_refresher::{RefreshSettings, Refresher};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

@@ -1,4 +1,5 @@
-//! Redis: the connection pool and the key layout every reader and writer shares.
+//! Redis: the connection pool, the key layout every reader and writer shares, reading an answer
+//! and writing one with the guarded `replace_top` script.
 //!
 //! Keys (the `{…}` hash tag keeps one user's keys in one Redis Cluster slot):
 //! - `<prefix>:{<user_id>}:songs`: sorted set, member = song_id, score = plays;
@@ -7,14 +8,16 @@
 //! Keys are only ever built from parsed integers, never from request strings.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
-use bb8_redis::redis::{self, RedisError};
+use bb8_redis::redis::{self, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind};
+use futures::StreamExt;
 use redis::cluster::ClusterClient;
 
 use crate::config::RedisArgs;
-use crate::window::{Source, TopSongs, WindowJson, rank};
+use crate::window::{RankedSong, Source, TopSongs, Window, WindowJson, rank, rfc3339_ms};
 
 /// The pool of multiplexed Redis connections.
 pub type Pool = bb8::Pool<RedisConnectionManager>;
@@ -142,6 +145,16 @@ impl Redis {
         })
     }
 
+    /// Whether Redis answers a PING (on a cluster, the node the connection picks).
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let mut conn = self.get().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(CacheError::Redis)
+    }
+
     /// Reads a user's materialised answer (see [`read_top_on`]).
     pub async fn read_top(
         &self,
@@ -184,6 +197,50 @@ pub async fn read_top_on<C: redis::aio::ConnectionLike>(
     user_id: u64,
     limit: usize,
 ) -> Result<Option<TopSongs>, CacheError> {
+    Ok(read_cached_on(conn, prefix, user_id, limit)
+        .await?
+        .filter(|cached| !cached.tombstone)
+        .map(|cached| cached.answer))
+}
+
+/// What Redis holds for a user, with the version the API judges its age by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    /// The answer as stored (`source: cache`, `stale: false`). For a tombstone: no songs, the
+    /// window at its version.
+    pub answer: TopSongs,
+    /// The stored version (`computed_at_ms`): when the answer read ClickHouse.
+    pub computed_at_ms: i64,
+    /// The meta is the tombstone of an emptied answer: the user has no plays as of the version.
+    pub tombstone: bool,
+}
+
+fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let time =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Reads a user's materialised answer (see [`read_cached_on`]).
+pub async fn read_cached(
+    redis: &Redis,
+    prefix: &str,
+    user_id: u64,
+    limit: usize,
+) -> Result<Option<Cached>, CacheError> {
+    let mut conn = redis.get().await?;
+    read_cached_on(&mut conn, prefix, user_id, limit).await
+}
+
+/// Reads a user's materialised answer: the meta hash and the sorted set in one round trip
+/// (a transaction). `None` when the user has no meta (never computed, or expired); a tombstone
+/// (only `computed_at_ms`) is an empty answer as of its version.
+pub async fn read_cached_on<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    user_id: u64,
+    limit: usize,
+) -> Result<Option<Cached>, CacheError> {
     // MULTI/EXEC: the refresher replaces both keys in one script call, and a transaction reads
     // them at one point in time, so the meta always describes the songs read with it. Both keys
     // carry the user's hash tag: one slot, so the transaction also runs on a cluster.
@@ -193,24 +250,223 @@ pub async fn read_top_on<C: redis::aio::ConnectionLike>(
         .zrange_withscores(songs_key(prefix, user_id), 0, -1)
         .query_async(conn)
         .await?;
+    let version = meta
+        .get("computed_at_ms")
+        .and_then(|v| v.parse::<i64>().ok());
     let (Some(computed_at), Some(start), Some(end)) = (
         meta.get("computed_at"),
         meta.get("window_start"),
         meta.get("window_end"),
     ) else {
-        return Ok(None);
+        let Some(version) = version else {
+            return Ok(None);
+        };
+        return Ok(Some(Cached {
+            answer: TopSongs::new(
+                user_id,
+                Window::at(version),
+                version,
+                Source::Cache,
+                Vec::new(),
+            ),
+            computed_at_ms: version,
+            tombstone: true,
+        }));
     };
-    Ok(Some(TopSongs {
-        user_id,
-        window: WindowJson {
-            start: start.clone(),
-            end: end.clone(),
+    Ok(Some(Cached {
+        answer: TopSongs {
+            user_id,
+            window: WindowJson {
+                start: start.clone(),
+                end: end.clone(),
+            },
+            computed_at: computed_at.clone(),
+            source: Source::Cache,
+            stale: false,
+            songs: rank(songs, limit),
         },
-        computed_at: computed_at.clone(),
-        source: Source::Cache,
-        stale: false,
-        songs: rank(songs, limit),
+        // A meta written by hand (an operator) may lack the version: its RFC 3339 time says the
+        // same to the second; unreadable, it counts as old.
+        computed_at_ms: version.unwrap_or_else(|| parse_rfc3339_ms(computed_at).unwrap_or(0)),
+        tombstone: false,
     }))
+}
+
+// ---------------------------------------------------------------- writing answers
+//
+// The `replace_top` Lua script (`lua/replace_top.lua`) is the only writer of a user's keys: the
+// refresher, the warm-up and the API's write-back after a miss all go through it.
+
+/// `lua/replace_top.lua`: atomic, version-guarded replace of one user's answer.
+pub static REPLACE_TOP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/replace_top.lua")));
+
+/// Script calls in flight on one cluster connection while a chunk is written. The connection
+/// is multiplexed, so concurrent calls share round trips.
+const IN_FLIGHT: usize = 256;
+
+/// What `replace_top` did with one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The answer was stored.
+    Written,
+    /// The answer was empty: the songs are gone, a short-lived tombstone guards the version.
+    Emptied,
+    /// A newer computation was already stored; nothing changed.
+    Refused,
+}
+
+impl Outcome {
+    fn from_reply(reply: i64) -> Result<Self, RedisError> {
+        match reply {
+            1 => Ok(Outcome::Written),
+            2 => Ok(Outcome::Emptied),
+            0 => Ok(Outcome::Refused),
+            other => Err(RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "replace_top returned an unknown code",
+                other.to_string(),
+            ))),
+        }
+    }
+}
+
+/// Where and how long answers are kept.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub prefix: String,
+    pub ttl: Duration,
+    pub tombstone_ttl: Duration,
+}
+
+/// One computed answer, as the script stores it.
+#[derive(Debug, Clone)]
+pub struct Answer<'a> {
+    pub user_id: u64,
+    pub songs: &'a [RankedSong],
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// The script call that stores one answer.
+fn invocation<'a>(
+    target: &Target,
+    answer: &Answer<'_>,
+    window: Window,
+    computed_at_ms: i64,
+) -> ScriptInvocation<'a> {
+    let mut call = REPLACE_TOP.prepare_invoke();
+    call.key(songs_key(&target.prefix, answer.user_id))
+        .key(meta_key(&target.prefix, answer.user_id))
+        .arg(computed_at_ms)
+        .arg(millis(target.ttl))
+        .arg(millis(target.tombstone_ttl))
+        .arg(rfc3339_ms(computed_at_ms))
+        .arg(window.start_rfc3339())
+        .arg(window.end_rfc3339());
+    for song in answer.songs {
+        call.arg(song.plays).arg(song.song_id);
+    }
+    call
+}
+
+/// Replaces one user's answer, computed at `computed_at_ms` over `window`.
+pub async fn replace(
+    conn: &mut Conn,
+    target: &Target,
+    answer: &Answer<'_>,
+    window: Window,
+    computed_at_ms: i64,
+) -> Result<Outcome, RedisError> {
+    // EVALSHA; on NOSCRIPT (a restarted or new node) the crate loads the script and retries.
+    let reply: i64 = invocation(target, answer, window, computed_at_ms)
+        .invoke_async(conn)
+        .await?;
+    Outcome::from_reply(reply)
+}
+
+/// Loads the script on every node (on a cluster, every primary), so that a chunk's calls do
+/// not all miss it at once.
+pub async fn load_replace_top(conn: &mut Conn) -> Result<(), RedisError> {
+    REPLACE_TOP
+        .prepare_invoke()
+        .load_async(conn)
+        .await
+        .map(drop)
+}
+
+/// Script calls per pipeline on one server, and pipelines in flight. A pipeline is one request
+/// and must be answered within the connection's response timeout (500 ms by default): a few
+/// hundred calls take a few milliseconds of Redis time, and a bounded number in flight keeps
+/// the queue in front of the last one short.
+const PIPELINE: usize = 250;
+const PIPELINES_IN_FLIGHT: usize = 4;
+
+/// One pipeline of EVALSHA calls.
+async fn pipeline(
+    mut conn: Conn,
+    target: &Target,
+    answers: &[Answer<'_>],
+    window: Window,
+    computed_at_ms: i64,
+) -> Result<Vec<Outcome>, RedisError> {
+    let calls: Vec<ScriptInvocation<'_>> = answers
+        .iter()
+        .map(|answer| invocation(target, answer, window, computed_at_ms))
+        .collect();
+    let mut pipe = redis::pipe();
+    for call in &calls {
+        pipe.invoke_script(call);
+    }
+    let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
+        // The server lost its scripts (restart, SCRIPT FLUSH) since the cycle loaded it: load
+        // again and resend; every call is idempotent.
+        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            load_replace_top(&mut conn).await?;
+            pipe.query_async(&mut conn).await?
+        }
+        other => other?,
+    };
+    replies.into_iter().map(Outcome::from_reply).collect()
+}
+
+/// Writes a chunk of answers. Returns the outcome of each answer, in no particular order, or
+/// the first error.
+///
+/// On one server, the chunk goes as pipelines of EVALSHA calls (a few round trips). A cluster
+/// pipeline may not span slots, so there the calls run concurrently on the multiplexed cluster
+/// connection, which sends them to their nodes as they come (a pipeline per node on the wire).
+pub async fn replace_all(
+    conn: &Conn,
+    target: &Target,
+    answers: &[Answer<'_>],
+    window: Window,
+    computed_at_ms: i64,
+) -> Result<Vec<Outcome>, RedisError> {
+    if let Conn::Single(_) = conn {
+        let pipelines: Vec<Vec<Outcome>> = futures::stream::iter(answers.chunks(PIPELINE))
+            .map(|part| pipeline(conn.clone(), target, part, window, computed_at_ms))
+            .buffer_unordered(PIPELINES_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        return Ok(pipelines.into_iter().flatten().collect());
+    }
+    futures::stream::iter(answers)
+        .map(|answer| {
+            let mut conn = conn.clone();
+            async move { replace(&mut conn, target, answer, window, computed_at_ms).await }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]

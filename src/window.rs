@@ -75,7 +75,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
 }
 
 /// One ranked song.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RankedSong {
     pub rank: u32,
     pub song_id: u64,
@@ -99,7 +99,7 @@ pub fn rank(mut plays: Vec<(u64, u64)>, limit: usize) -> Vec<RankedSong> {
 }
 
 /// Where an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     /// Redis, as materialised by the refresher.
@@ -109,14 +109,15 @@ pub enum Source {
 }
 
 /// The window as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Window)]
 pub struct WindowJson {
     pub start: String,
     pub end: String,
 }
 
 /// The API's answer (DESIGN.md, "REST API").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TopSongs {
     pub user_id: u64,
     pub window: WindowJson,

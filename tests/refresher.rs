@@ -10,16 +10,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bb8_redis::redis::{self, AsyncCommands};
-use common::plays::{DAY, MINUTE, Play, oracle};
+use common::plays::{DAY, MINUTE, Play, flush, oracle};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
+use topk::cache::{Answer, Outcome, Target, replace};
 use topk::cache::{Conn, Redis, meta_key, songs_key};
 use topk::clock::{Clock, ManualClock};
 use topk::config::{ClickHouseArgs, RedisArgs};
 use topk::query::TopQuery;
 use topk::window::{MAX_LIMIT, RankedSong, Window, rank, rfc3339_ms};
 use topk_aggregator::store::Store;
-use topk_refresher::store::{Answer, Outcome, Target, replace};
 use topk_refresher::{Refresh, RefreshSettings, Refresher};
 
 /// `TOPK_TEST_SCALE` multiplies the users and plays of the oracle tests (CI runs 1).
@@ -39,17 +39,6 @@ fn settings() -> RefreshSettings {
         touch_margin: Duration::from_secs(120),
         catch_up: Duration::from_secs(3600),
     }
-}
-
-/// Writes plays exactly as the aggregator's flush does: counts, day touches, user touches.
-async fn flush(store: &Store, plays: &[Play], first_offset: u64) {
-    let batch = common::plays::batch(plays, first_offset);
-    store.write_counts(&[&batch]).await.expect("counts");
-    store.write_touches(&[&batch]).await.expect("day touches");
-    store
-        .write_user_touches(&[&batch])
-        .await
-        .expect("user touches");
 }
 
 fn random_plays(rng: &mut impl Rng, users: u64, n: usize, now: i64) -> Vec<Play> {
@@ -783,7 +772,7 @@ async fn a_chunk_survives_a_script_flush() {
         .query_async(&mut conn)
         .await
         .expect("flush");
-    let outcomes = topk_refresher::store::replace_all(&conn, &target, &answers, window, 5)
+    let outcomes = topk::cache::replace_all(&conn, &target, &answers, window, 5)
         .await
         .expect("written after reloading the script");
     assert_eq!(outcomes, vec![Outcome::Written; 3]);

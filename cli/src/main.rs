@@ -72,6 +72,8 @@ enum Command {
     Refresh(Box<topk_refresher::RefresherArgs>),
     /// Fill Redis for every user with plays in the window (after a cold start); safe to re-run.
     Warmup(Box<topk_refresher::WarmupArgs>),
+    /// Serve the REST API and the widget (Redis first, ClickHouse on a miss).
+    Serve(Box<topk_api::ApiArgs>),
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {
@@ -204,6 +206,13 @@ async fn main() -> anyhow::Result<()> {
             topk_refresher::run(*args, topk::clock::system(), shutdown)
                 .await
                 .context("refresher failed")?;
+        }
+        Command::Serve(args) => {
+            topk::telemetry::init_logging();
+            let shutdown = topk::shutdown::on_signals();
+            topk_api::run(*args, topk::clock::system(), shutdown)
+                .await
+                .context("API failed")?;
         }
         Command::Warmup(args) => {
             topk::telemetry::init_logging();

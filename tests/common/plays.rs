@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use topk::window::{RankedSong, Window, rank};
 use topk_aggregator::batch::Batch;
+use topk_aggregator::store::Store;
 
 pub const MINUTE: i64 = 60_000;
 pub const DAY: i64 = 24 * 60 * MINUTE;
@@ -50,4 +51,15 @@ pub fn batch(plays: &[Play], start: u64) -> Batch {
             .or_insert(0) += 1;
     }
     batch
+}
+
+/// Writes plays exactly as the aggregator's flush does: counts, day touches, user touches.
+pub async fn flush(store: &Store, plays: &[Play], first_offset: u64) {
+    let batch = batch(plays, first_offset);
+    store.write_counts(&[&batch]).await.expect("counts");
+    store.write_touches(&[&batch]).await.expect("day touches");
+    store
+        .write_user_touches(&[&batch])
+        .await
+        .expect("user touches");
 }

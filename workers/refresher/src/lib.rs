@@ -5,17 +5,18 @@
 //!
 //! - [`changes`]: which users may have a new answer (touched by a flush; window moved);
 //! - [`refresh`]: recomputing a set of users with the batch query, and the refresher's cursors;
-//! - [`store`]: the `replace_top` Lua script: atomic, version-guarded replace with TTL;
 //! - [`warmup`]: every user with plays in the window, paged, with progress;
 //! - [`events`]: the log line and metric of each event;
 //! - [`run`]: a cycle every `--refresh-interval` until shutdown.
+//!
+//! Answers are written with `topk::cache::replace_all` (the `replace_top` Lua script: atomic,
+//! version-guarded replace with TTL), shared with the API's write-back.
 //!
 //! The invariants and the argument for them are in ARCHITECTURE.md ("The refresher").
 
 pub mod changes;
 pub mod events;
 pub mod refresh;
-pub mod store;
 pub mod warmup;
 
 use std::time::Duration;

@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use clickhouse::Client;
 use futures::StreamExt;
-use topk::cache::Redis;
+use topk::cache::{self, Answer, Outcome, Redis, Target};
 use topk::clock::Clock;
 use topk::query::TopQuery;
 use topk::window::{MAX_LIMIT, Window};
 
-use crate::store::{self, Answer, Outcome, Target};
 use crate::{RefreshError, RefreshSettings, changes, events};
 
 /// What a refresh of a set of users did.
@@ -77,7 +76,7 @@ impl Refresh {
             return total;
         }
         let conn = match self.redis.get().await {
-            Ok(mut conn) => match store::load(&mut conn).await {
+            Ok(mut conn) => match cache::load_replace_top(&mut conn).await {
                 Ok(()) => conn,
                 Err(error) => {
                     events::chunk_failed(users.len(), &RefreshError::Redis(error));
@@ -131,7 +130,7 @@ impl Refresh {
             })
             .collect();
         let outcomes =
-            store::replace_all(conn, &self.target, &answers, window, computed_at_ms).await?;
+            cache::replace_all(conn, &self.target, &answers, window, computed_at_ms).await?;
         let mut done = Refreshed::default();
         for outcome in outcomes {
             match outcome {

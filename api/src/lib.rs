@@ -1,0 +1,278 @@
+//! The REST API and the widget (`topk serve`): each user's top songs from Redis in one round
+//! trip, computed from ClickHouse on a miss (and written back), degraded but never hanging when
+//! a dependency fails.
+//!
+//! # Layout
+//!
+//! - [`top`]: the answer of one request: cache, fallback, write-back, staleness (the degradation
+//!   table is in ARCHITECTURE.md, "The API");
+//! - [`error`]: [`AppError`], the one error type, mapped to a status and a JSON reason;
+//! - [`conn`]: the one shared Redis connection (a cache hit is one round trip);
+//! - [`auth`]: HS256 JWT bearer tokens (off unless a secret is configured);
+//! - [`openapi`]: the OpenAPI document served at `/openapi.json`, generated from the handlers;
+//! - [`widget`]: the embeddable HTML page;
+//! - [`observe`]: per-request tracing, the latency histogram and the counters;
+//! - [`router`] and [`run`]: the routes, the request deadline, graceful shutdown with a drain
+//!   timeout.
+
+pub mod auth;
+pub mod conn;
+pub mod error;
+pub mod observe;
+pub mod openapi;
+pub mod top;
+pub mod widget;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use topk::cache::Redis;
+use topk::clock::SharedClock;
+use topk::config::{ClickHouseArgs, RedisArgs};
+use topk::query::TopQuery;
+
+pub use error::AppError;
+
+fn duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
+        Ok(_) => Err("must be at least 1ms".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Deadlines and cache policy of the API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiSettings {
+    /// Deadline of a whole request; past it the answer is `503` with `Retry-After`.
+    #[arg(long, env = "TOPK_API_REQUEST_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// Deadline of one Redis call (read, write-back, ping).
+    #[arg(long, env = "TOPK_API_REDIS_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    pub redis_timeout: Duration,
+    /// Deadline of one ClickHouse computation (a miss, a recheck, a ping).
+    #[arg(long, env = "TOPK_API_OLAP_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub olap_timeout: Duration,
+    /// A cached answer computed longer ago than this is recomputed from ClickHouse (and written
+    /// back); if ClickHouse cannot answer, the cached one is served with `stale: true`. The
+    /// refresher rewrites only users whose answer changed, so this bounds how long a stopped
+    /// refresher goes unnoticed, at one ClickHouse query per read user per max age.
+    #[arg(long, env = "TOPK_API_MAX_AGE", default_value = "1h", value_parser = duration)]
+    pub max_age: Duration,
+    /// TTL of an answer the API writes back (as `topk refresh --key-ttl`).
+    #[arg(long, env = "TOPK_API_KEY_TTL", default_value = "8d", value_parser = duration)]
+    pub key_ttl: Duration,
+    /// TTL of the tombstone of an empty answer written back (as `topk refresh --tombstone-ttl`).
+    #[arg(long, env = "TOPK_API_TOMBSTONE_TTL", default_value = "15m", value_parser = duration)]
+    pub tombstone_ttl: Duration,
+    /// `Retry-After` (seconds) of a `503`.
+    #[arg(long, env = "TOPK_API_RETRY_AFTER", default_value_t = 5)]
+    pub retry_after_secs: u32,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            request_timeout: Duration::from_secs(2),
+            redis_timeout: Duration::from_millis(250),
+            olap_timeout: Duration::from_secs(1),
+            max_age: Duration::from_secs(3600),
+            key_ttl: Duration::from_secs(8 * 24 * 3600),
+            tombstone_ttl: Duration::from_secs(15 * 60),
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// `topk serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub settings: ApiSettings,
+    /// Address to listen on.
+    #[arg(long, env = "TOPK_API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// How long in-flight requests may finish after SIGINT/SIGTERM before they are dropped.
+    #[arg(long, env = "TOPK_API_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+    /// File holding the HS256 secret of bearer tokens; turns authentication on. The secret can
+    /// also come from the `TOPK_JWT_SECRET` environment variable (never a flag value: flags are
+    /// visible in the process list).
+    #[arg(long, env = "TOPK_API_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+}
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Cache(#[from] topk::cache::CacheError),
+    #[error("reading the JWT secret from {path}: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the JWT secret is empty")]
+    EmptySecret,
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Everything a handler needs; cheap to clone (axum clones it per request).
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+/// The shared parts of [`AppState`].
+pub struct Inner {
+    pub redis: conn::SharedConn,
+    pub prefix: String,
+    pub query: TopQuery,
+    /// For the readiness ping.
+    pub clickhouse: clickhouse::Client,
+    pub clock: SharedClock,
+    pub settings: ApiSettings,
+    /// `None`: authentication off.
+    pub auth: Option<auth::Auth>,
+    pub metrics: observe::Metrics,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("redis", self.0.redis.redis())
+            .field("prefix", &self.0.prefix)
+            .field("auth", &self.0.auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(
+        redis: Redis,
+        prefix: &str,
+        clickhouse: clickhouse::Client,
+        clock: SharedClock,
+        settings: ApiSettings,
+        auth: Option<auth::Auth>,
+    ) -> Self {
+        AppState(Arc::new(Inner {
+            redis: conn::SharedConn::new(redis),
+            prefix: prefix.to_owned(),
+            query: TopQuery::new(clickhouse.clone()),
+            clickhouse,
+            clock,
+            settings,
+            auth,
+            metrics: observe::Metrics::install(),
+        }))
+    }
+}
+
+/// The HS256 secret configured by `--auth-secret-file` or `TOPK_JWT_SECRET` (the file wins),
+/// trailing newline removed. `None`: authentication off.
+pub fn configured_secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, ServeError> {
+    let secret = match file {
+        Some(path) => std::fs::read(path).map_err(|source| ServeError::Secret {
+            path: path.to_owned(),
+            source,
+        })?,
+        None => match std::env::var_os("TOPK_JWT_SECRET") {
+            Some(value) => value.into_encoded_bytes(),
+            None => return Ok(None),
+        },
+    };
+    let trimmed = secret.trim_ascii_end().to_vec();
+    if trimmed.is_empty() {
+        return Err(ServeError::EmptySecret);
+    }
+    Ok(Some(trimmed))
+}
+
+/// The routes. Every request runs under the request deadline and is observed (trace span,
+/// latency histogram by route, source and status).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/users/{user_id}/top-songs", get(top::user_top_songs))
+        .route("/v1/me/top-songs", get(top::my_top_songs))
+        .route("/widget/{user_id}", get(widget::page))
+        .route("/healthz", get(top::healthz))
+        .route("/readyz", get(top::readyz))
+        .route("/metrics", get(observe::metrics))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(|| async { AppError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown`, then lets in-flight requests finish
+/// for at most `drain_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+    drain_timeout: Duration,
+) -> Result<(), ServeError> {
+    let app = router(state);
+    let stop = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+    tokio::select! {
+        result = server => result.map_err(ServeError::Serve),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(?drain_timeout, "drain timeout: dropping the requests still in flight");
+            Ok(())
+        }
+    }
+}
+
+/// `topk serve`: connects (lazily: a dependency that is down degrades requests, it does not
+/// stop the process), binds and serves until `shutdown`.
+pub async fn run(
+    args: ApiArgs,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let redis = Redis::connect(&args.redis)?;
+    let auth = configured_secret(args.auth_secret_file.as_deref())?.map(|s| auth::Auth::hs256(&s));
+    let state = AppState::new(
+        redis,
+        &args.redis.prefix,
+        topk::olap::client(&args.clickhouse),
+        clock,
+        args.settings,
+        auth,
+    );
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(
+        %addr,
+        auth = state.0.auth.is_some(),
+        "API listening; widget at http://{addr}/widget/<user_id>"
+    );
+    serve(listener, state, shutdown, args.drain_timeout).await
+}
