@@ -286,10 +286,8 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         dlq_topic: args.kafka.dlq_topic(),
         handle: Handle::current(),
         test_pause_before_commit: args.test_pause_before_commit,
-        validator: Validator {
-            retention_ms: duration_ms(args.retention),
-        },
-        dedup_window_ms: duration_ms(args.dedup_window),
+        validator: args.rules.validator(),
+        dedup_window_ms: args.rules.dedup_window_ms(),
         brokers: args.kafka.brokers.clone(),
         group: args.group.clone(),
     };
@@ -568,8 +566,4 @@ fn view<'a>(message: &'a BorrowedMessage<'_>) -> Message<'a> {
         key: message.key(),
         payload: message.payload(),
     }
-}
-
-fn duration_ms(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
