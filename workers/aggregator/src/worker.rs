@@ -291,20 +291,9 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         brokers: args.kafka.brokers.clone(),
         group: args.group.clone(),
     };
-    let mut config = topk::kafka::consumer_config(&args.kafka.brokers, &args.group);
-    config
-        .set("statistics.interval.ms", "5000")
-        .set(
-            "session.timeout.ms",
-            args.kafka_session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (args.kafka_session_timeout.as_millis() / 4)
-                .max(100)
-                .to_string(),
-        )
-        .set("queued.max.messages.kbytes", "16384");
+    let mut config =
+        topk::kafka::member_config(&args.kafka.brokers, &args.group, args.kafka_session_timeout);
+    config.set("statistics.interval.ms", "5000");
     let consumer: StreamConsumer<Worker> = topk::kafka::consumer_with_context(&config, worker)?;
     consumer
         .subscribe(&[&args.kafka.topic])
@@ -458,21 +447,13 @@ async fn flush_now(
     }
 }
 
-/// Pauses or resumes fetching on every assigned partition (backpressure). librdkafka drops
-/// what it prefetched for paused partitions and refetches from the consumed position later.
+/// Pauses or resumes fetching on every assigned partition (backpressure).
 fn set_paused(consumer: &StreamConsumer<Worker>, paused: &mut bool, pause: bool, bytes: u64) {
     if *paused == pause {
         return;
     }
-    if let Ok(assignment) = consumer.assignment() {
-        let result = if pause {
-            consumer.pause(&assignment)
-        } else {
-            consumer.resume(&assignment)
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, pause, "cannot change the paused state of the assignment");
-        }
+    if let Err(error) = topk::kafka::pause_assignment(consumer, pause) {
+        tracing::warn!(%error, pause, "cannot change the paused state of the assignment");
     }
     *paused = pause;
     events::backpressure(pause, bytes);
