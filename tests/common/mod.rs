@@ -107,6 +107,52 @@ pub fn topk_bin() -> PathBuf {
     .clone()
 }
 
+/// Starts `topk <args…>` as a child process with `RUST_LOG=info` and its stderr in `log`;
+/// `kill -9` on drop.
+pub fn spawn_topk<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    log: &std::path::Path,
+) -> tokio::process::Child {
+    let log = std::fs::File::create(log).expect("log file");
+    tokio::process::Command::new(topk_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("topk starts")
+}
+
+/// Sends SIGTERM to a `topk` child and asserts that it exits cleanly within a minute.
+pub async fn terminate(mut child: tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+}
+
+/// How many lines of the log files in `dir` contain `needle` but not `except`.
+pub fn count_log_lines(dir: &std::path::Path, needle: &str, except: &str) -> usize {
+    std::fs::read_dir(dir)
+        .expect("logs")
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .map(|text| {
+            text.lines()
+                .filter(|line| line.contains(needle) && !line.contains(except))
+                .count()
+        })
+        .sum()
+}
+
 /// Aggregator settings from command-line flags, exactly as `topk aggregate` parses them.
 pub fn aggregator_args(
     brokers: &str,
