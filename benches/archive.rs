@@ -11,23 +11,12 @@
 //! baseline) or archived (objects listed in the store cover every offset; their offsets are
 //! committed right after). Prints one JSON line with both rates and their ratio.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
-use rdkafka::consumer::Consumer;
-use rdkafka::producer::FutureRecord;
+use common::{env_or, unique};
 use tokio_util::sync::CancellationToken;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", rand::random::<u64>())
-}
 
 #[tokio::main]
 async fn main() {
@@ -43,45 +32,8 @@ async fn main() {
     broker.create_topic(&topic, partitions).expect("topic");
 
     eprintln!("producing {events} events to {partitions} partitions…");
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
-    let producer = topk::kafka::producer(&brokers).expect("producer");
-    let mut next = 0u64;
-    while next < events {
-        let chunk: Vec<(String, String)> = (next..(next + 5_000).min(events))
-            .map(|i| {
-                let user = (i * 7_919) % 100_000 + 1;
-                let song = (i * 104_729) % 10_000 + 1;
-                let ts = now - ((i % 3_600) as i64) * 1000;
-                (
-                    user.to_string(),
-                    format!(r#"{{"event_id":"e{i}","user_id":{user},"song_id":{song},"timestamp":{ts}}}"#),
-                )
-            })
-            .collect();
-        next += chunk.len() as u64;
-        let sends = chunk.iter().map(|(key, value)| {
-            producer.send(
-                FutureRecord::to(&topic).key(key).payload(value),
-                Duration::from_secs(60),
-            )
-        });
-        for result in join_all(sends).await {
-            result.expect("delivered");
-        }
-    }
-
-    // Baseline: consume and discard.
-    let consumer = topk::kafka::consumer(&brokers, &unique("bench_baseline")).expect("consumer");
-    consumer.subscribe(&[&topic]).expect("subscribe");
-    let started = Instant::now();
-    let mut seen = 0u64;
-    while seen < events {
-        let message = consumer.recv().await.expect("message");
-        std::hint::black_box(&message);
-        seen += 1;
-    }
-    let baseline_secs = started.elapsed().as_secs_f64();
-    drop(consumer);
+    common::produce(&brokers, &topic, events, 100_000).await;
+    let baseline_secs = common::consume_and_discard(&brokers, &topic, events).await;
 
     // The archiver, into a fresh directory (or a fresh prefix of the stack's bucket).
     let dir = tempfile::tempdir().expect("archive dir");
