@@ -14,23 +14,13 @@
 //! ClickHouse, to the last). Prints one JSON line with every round and the median ratios
 //! (`TOPK_BENCH_ROUNDS`, default 3).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use common::{env_or, unique};
 use rdkafka::consumer::Consumer;
-use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", rand::random::<u64>())
-}
 
 #[tokio::main]
 async fn main() {
@@ -40,7 +30,6 @@ async fn main() {
     // The dev broker keeps at most 5 MB per partition: 32 partitions hold 1M events.
     let partitions: i32 = env_or("TOPK_BENCH_PARTITIONS", 32);
     let users: u64 = env_or("TOPK_BENCH_USERS", 100_000);
-    let songs: u64 = 10_000;
 
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let brokers = broker.bootstrap_servers();
@@ -51,34 +40,7 @@ async fn main() {
         .expect("dlq");
 
     eprintln!("producing {events} events to {partitions} partitions…");
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
-    let producer = topk::kafka::producer(&brokers).expect("producer");
-    let produce_started = Instant::now();
-    let mut next = 0u64;
-    while next < events {
-        let chunk: Vec<(String, String)> = (next..(next + 5_000).min(events))
-            .map(|i| {
-                let user = (i * 7_919) % users + 1;
-                let song = (i * 104_729) % songs + 1;
-                let ts = now - ((i % 3_600) as i64) * 1000;
-                (
-                    user.to_string(),
-                    format!(r#"{{"event_id":"e{i}","user_id":{user},"song_id":{song},"timestamp":{ts}}}"#),
-                )
-            })
-            .collect();
-        next += chunk.len() as u64;
-        let sends = chunk.iter().map(|(key, value)| {
-            producer.send(
-                FutureRecord::to(&topic).key(key).payload(value),
-                Duration::from_secs(60),
-            )
-        });
-        for result in join_all(sends).await {
-            result.expect("delivered");
-        }
-    }
-    let produce_secs = produce_started.elapsed().as_secs_f64();
+    let produce_secs = common::produce(&brokers, &topic, events, users).await;
 
     // Baseline: consume and discard.
     let rounds: usize = env_or("TOPK_BENCH_ROUNDS", 3);

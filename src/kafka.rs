@@ -9,7 +9,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
 
@@ -69,6 +69,38 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         // default (1 s) leaves a consumer that drains faster idle for most of each second.
         .set("fetch.queue.backoff.ms", "10");
     config
+}
+
+/// Settings of a long-running group member (a worker): [`consumer_config`] with the group's
+/// session timeout (how long a dead member keeps its partitions) and a bounded local queue.
+pub fn member_config(brokers: &str, group: &str, session_timeout: Duration) -> ClientConfig {
+    let mut config = consumer_config(brokers, group);
+    config
+        .set(
+            "session.timeout.ms",
+            session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (session_timeout.as_millis() / 4).max(100).to_string(),
+        )
+        .set("queued.max.messages.kbytes", "16384");
+    config
+}
+
+/// Pauses or resumes fetching on every partition assigned to `consumer` (backpressure).
+/// librdkafka drops what it prefetched for paused partitions and fetches again from the consumed
+/// position on resume.
+pub fn pause_assignment<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    pause: bool,
+) -> Result<(), KafkaError> {
+    let assignment = consumer.assignment()?;
+    if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    }
 }
 
 /// A stream consumer in `group` with a custom context (rebalance callbacks).

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::workload::{self, Mix, Workload};
 use rand::Rng;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 fn scale() -> usize {
     std::env::var("TOPK_TEST_SCALE")
@@ -26,25 +25,18 @@ fn start_worker(
     log: &std::path::Path,
     extra: &[&str],
 ) -> Child {
-    let log = std::fs::File::create(log).expect("log file");
-    Command::new(common::topk_bin())
-        .arg("aggregate")
-        .args([
-            &format!("--kafka-brokers={brokers}"),
-            &format!("--kafka-topic={topic}"),
-            &format!("--clickhouse-url={}", clickhouse.url),
-            &format!("--clickhouse-database={}", clickhouse.database),
-            "--group=crash-test",
-            "--kafka-session-timeout=2s",
-            "--flush-interval=200ms",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("topk aggregate starts")
+    let mut args = vec![
+        "aggregate".to_owned(),
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+        format!("--clickhouse-url={}", clickhouse.url),
+        format!("--clickhouse-database={}", clickhouse.database),
+        "--group=crash-test".to_owned(),
+        "--kafka-session-timeout=2s".to_owned(),
+        "--flush-interval=200ms".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    common::spawn_topk(&args, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,31 +74,15 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
 
     // A last worker runs to the end and stops cleanly on SIGTERM.
     let log = logs.path().join("worker-final.log");
-    let mut child = start_worker(&brokers, &topic, &clickhouse, &log, &[]);
+    let child = start_worker(&brokers, &topic, &clickhouse, &log, &[]);
     workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(180)).await;
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
-    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    common::terminate(child).await;
 
     workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
 
     // Proof that some kill landed between a flush's writes and its commit: a later worker
     // found recorded intents past the committed offset and replayed them.
-    let replays = std::fs::read_dir(logs.path())
-        .expect("logs")
-        .filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
-        .flat_map(|text| text.lines().map(str::to_owned).collect::<Vec<_>>())
-        .filter(|line| line.contains("partition resumed") && !line.contains("replay_intents=0"))
-        .count();
+    let replays = common::count_log_lines(logs.path(), "partition resumed", "replay_intents=0");
     assert!(
         replays > 0,
         "no kill landed between writes and commit; logs in {:?}",

@@ -21,6 +21,10 @@ struct Cli {
 enum Command {
     /// Count plays from Kafka into ClickHouse, exactly once (a consumer-group worker).
     Aggregate(Box<topk_aggregator::AggregatorArgs>),
+    /// Archive every raw message of the play topic to object storage (a consumer-group worker).
+    Archive(Box<topk_archive::ArchiveArgs>),
+    /// Rebuild whole UTC days of per-minute counts in ClickHouse from the archive (replaces them).
+    Backfill(Box<topk_archive::BackfillArgs>),
     /// Apply the ClickHouse schema migrations (idempotent).
     Migrate {
         #[command(flatten)]
@@ -96,6 +100,20 @@ async fn main() -> anyhow::Result<()> {
             topk_aggregator::run(*args, shutdown)
                 .await
                 .context("aggregator failed")?;
+        }
+        Command::Archive(args) => {
+            topk::telemetry::init(&args.telemetry).context("starting telemetry")?;
+            let shutdown = topk::shutdown::on_signals();
+            topk_archive::run(*args, shutdown)
+                .await
+                .context("archiver failed")?;
+        }
+        Command::Backfill(args) => {
+            topk::telemetry::init_logging();
+            let report = topk_archive::backfill::run(&args)
+                .await
+                .with_context(|| format!("backfilling from {}", args.store.url))?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Command::Migrate { clickhouse } => {
             topk::telemetry::init_logging();

@@ -25,6 +25,45 @@ use topk::config::{ClickHouseArgs, KafkaArgs, TelemetryArgs};
 
 pub use worker::{AggregatorError, run};
 
+/// What decides whether a message counts: shared by `topk aggregate` and `topk backfill`, which
+/// must decide every message identically.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct CountingRules {
+    /// A repeated event_id within this much (Kafka) time is counted once.
+    #[arg(long, env = "TOPK_DEDUP_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+    /// Events older than this when produced are rejected as `too_old`.
+    #[arg(long, env = "TOPK_RETENTION", default_value = "8days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+}
+
+impl CountingRules {
+    pub fn validator(&self) -> topk::event::Validator {
+        topk::event::Validator {
+            retention_ms: duration_ms(self.retention),
+        }
+    }
+
+    pub fn dedup_window_ms(&self) -> i64 {
+        duration_ms(self.dedup_window)
+    }
+
+    /// A fresh partition state deciding exactly as an aggregator does from the log's start.
+    pub fn partition_state(&self, partition: i32) -> partition::PartitionState {
+        partition::PartitionState::new(
+            partition,
+            self.validator(),
+            self.dedup_window_ms(),
+            None,
+            Vec::new(),
+        )
+    }
+}
+
+fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// `topk aggregate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AggregatorArgs {
@@ -47,12 +86,8 @@ pub struct AggregatorArgs {
     /// Reaching it flushes early; if the flush fails, consumption pauses until one succeeds.
     #[arg(long, env = "TOPK_MAX_STATE_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_state_bytes: u64,
-    /// A repeated event_id within this much (Kafka) time is counted once.
-    #[arg(long, env = "TOPK_DEDUP_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub dedup_window: Duration,
-    /// Events older than this when produced are rejected as `too_old`.
-    #[arg(long, env = "TOPK_RETENTION", default_value = "8days", value_parser = humantime::parse_duration)]
-    pub retention: Duration,
+    #[command(flatten)]
+    pub rules: CountingRules,
     /// How long SIGTERM may spend on the final flush before giving up (nothing is lost: the
     /// uncommitted range is replayed by the next owner).
     #[arg(long, env = "TOPK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -359,27 +359,14 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         dlq_topic: args.kafka.dlq_topic(),
         handle: Handle::current(),
         test_pause_before_commit: args.test_pause_before_commit,
-        validator: Validator {
-            retention_ms: duration_ms(args.retention),
-        },
-        dedup_window_ms: duration_ms(args.dedup_window),
+        validator: args.rules.validator(),
+        dedup_window_ms: args.rules.dedup_window_ms(),
         brokers: args.kafka.brokers.clone(),
         group: args.group.clone(),
     };
-    let mut config = topk::kafka::consumer_config(&args.kafka.brokers, &args.group);
-    config
-        .set("statistics.interval.ms", "5000")
-        .set(
-            "session.timeout.ms",
-            args.kafka_session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (args.kafka_session_timeout.as_millis() / 4)
-                .max(100)
-                .to_string(),
-        )
-        .set("queued.max.messages.kbytes", "16384");
+    let mut config =
+        topk::kafka::member_config(&args.kafka.brokers, &args.group, args.kafka_session_timeout);
+    config.set("statistics.interval.ms", "5000");
     let consumer: StreamConsumer<Worker> = topk::kafka::consumer_with_context(&config, worker)?;
     // Shared with the background flush task, which commits through it.
     let consumer = Arc::new(consumer);
@@ -580,21 +567,13 @@ fn flushed(
     }
 }
 
-/// Pauses or resumes fetching on every assigned partition (backpressure). librdkafka drops
-/// what it prefetched for paused partitions and refetches from the consumed position later.
+/// Pauses or resumes fetching on every assigned partition (backpressure).
 fn set_paused(consumer: &StreamConsumer<Worker>, paused: &mut bool, pause: bool, bytes: u64) {
     if *paused == pause {
         return;
     }
-    if let Ok(assignment) = consumer.assignment() {
-        let result = if pause {
-            consumer.pause(&assignment)
-        } else {
-            consumer.resume(&assignment)
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, pause, "cannot change the paused state of the assignment");
-        }
+    if let Err(error) = topk::kafka::pause_assignment(consumer, pause) {
+        tracing::warn!(%error, pause, "cannot change the paused state of the assignment");
     }
     *paused = pause;
     events::backpressure(pause, bytes);
@@ -688,8 +667,4 @@ fn view<'a>(message: &'a BorrowedMessage<'_>) -> Message<'a> {
         key: message.key(),
         payload: message.payload(),
     }
-}
-
-fn duration_ms(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

@@ -1,0 +1,551 @@
+//! The raw event archive and the rebuild of ClickHouse from it, against the real services:
+//! every produced message (malformed ones included) is archived exactly once, also across
+//! `kill -9` of archivers mid-upload; an S3 outage is waited out; and after ClickHouse's data is
+//! dropped, `topk backfill` from the archive (local directory and the S3-compatible server)
+//! brings the totals back to the oracle's truth exactly, idempotently, and without counting
+//! twice what the aggregator already wrote. `TOPK_TEST_SCALE=10` runs the full versions.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::workload::{self, Mix, Workload};
+use rand::Rng;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use topk_archive::layout::ObjectName;
+use topk_archive::record::{self, Record};
+use topk_archive::{ArchiveArgs, BackfillArgs, BackfillReport};
+
+fn scale() -> usize {
+    std::env::var("TOPK_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
+}
+
+const MIX: Mix = Mix {
+    users: 300,
+    songs: 40,
+    dup_rate: 0.1,
+    bad_rate: 0.05,
+};
+
+/// The stack's S3-compatible server (`scripts/stack up s3`).
+fn s3_endpoint() -> String {
+    std::env::var("TOPK_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".to_owned())
+}
+
+/// Creates a bucket of the test's own on the S3-compatible server at `endpoint`.
+fn new_bucket(endpoint: &str) -> String {
+    let bucket = common::unique("archive").replace('_', "-");
+    let status = std::process::Command::new("curl")
+        .args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+        .status()
+        .expect("curl runs");
+    assert!(
+        status.success(),
+        "the S3-compatible server must run at {endpoint} (scripts/stack up s3)"
+    );
+    bucket
+}
+
+/// Store flags: a local directory, or a bucket on an S3-compatible endpoint.
+fn store_flags(url: &str, endpoint: Option<&str>) -> Vec<String> {
+    let mut flags = vec![format!("--archive-url={url}")];
+    if let Some(endpoint) = endpoint {
+        flags.extend([
+            format!("--s3-endpoint={endpoint}"),
+            "--s3-access-key-id=topk-test".to_owned(),
+            "--s3-secret-access-key=topk-test".to_owned(),
+        ]);
+    }
+    flags
+}
+
+fn parse<T: clap::Args>(argv: Vec<String>) -> T {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli<T: clap::Args> {
+        #[command(flatten)]
+        args: T,
+    }
+    Cli::<T>::parse_from(std::iter::once("topk".to_owned()).chain(argv)).args
+}
+
+fn archive_args(brokers: &str, topic: &str, store: &[String], extra: &[&str]) -> ArchiveArgs {
+    let mut argv = vec![
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+        format!("--group={}", common::unique("archive")),
+        "--kafka-session-timeout=2s".to_owned(),
+        "--flush-interval=300ms".to_owned(),
+    ];
+    argv.extend(store.iter().cloned());
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    parse(argv)
+}
+
+fn backfill_args(
+    brokers: &str,
+    topic: &str,
+    store: &[String],
+    clickhouse: &topk::config::ClickHouseArgs,
+    extra: &[String],
+) -> BackfillArgs {
+    let mut argv = vec![
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+        format!("--clickhouse-url={}", clickhouse.url),
+        format!("--clickhouse-database={}", clickhouse.database),
+        format!("--since={}", since_day()),
+    ];
+    argv.extend(store.iter().cloned());
+    argv.extend(extra.iter().cloned());
+    parse(argv)
+}
+
+/// The first day any generated play can fall on (plays reach 7 days back; older ones are
+/// rejected as too old anyway).
+fn since_day() -> String {
+    let day = time::OffsetDateTime::now_utc().date() - time::Duration::days(8);
+    format!(
+        "{:04}-{:02}-{:02}",
+        day.year(),
+        u8::from(day.month()),
+        day.day()
+    )
+}
+
+/// Everything in the archive of `topic`: per partition, each object with its records.
+async fn archived(store: &[String], topic: &str) -> BTreeMap<i32, Vec<(ObjectName, Vec<Record>)>> {
+    let args: topk_archive::StoreArgs = parse(store.to_vec());
+    let store = topk_archive::store::open(&args).expect("store opens");
+    let listing = topk_archive::store::list_topic(store.as_ref(), topic)
+        .await
+        .expect("listing");
+    let mut out = BTreeMap::new();
+    for (partition, objects) in listing {
+        let mut read = Vec::new();
+        for listed in objects {
+            use object_store::ObjectStoreExt as _;
+            let body = store
+                .get(&listed.name.path(topic))
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("body");
+            read.push((listed.name, record::decode(&body).expect("decodes")));
+        }
+        out.insert(partition, read);
+    }
+    out
+}
+
+async fn archived_count(store: &[String], topic: &str) -> usize {
+    archived(store, topic)
+        .await
+        .values()
+        .flatten()
+        .map(|(_, records)| records.len())
+        .sum()
+}
+
+/// Waits until the archive holds `expected` messages; panics after `limit`.
+async fn wait_for_archive(store: &[String], topic: &str, expected: usize, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let count = archived_count(store, topic).await;
+        if count >= expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {count} of {expected} messages archived after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The archive holds every produced message exactly once: objects of a partition tile its
+/// offsets `0..n` without overlap or hole, each name matches its content, and the (key, value)
+/// pairs are exactly the produced ones.
+async fn assert_archive_is_exact(store: &[String], topic: &str, load: &Workload) {
+    let archive = archived(store, topic).await;
+    let mut got: BTreeMap<(Vec<u8>, Vec<u8>), u64> = BTreeMap::new();
+    for (partition, objects) in &archive {
+        let mut next = 0u64;
+        for (name, records) in objects {
+            assert_eq!(
+                name.first, next,
+                "partition {partition}: objects must tile the offsets"
+            );
+            let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+            let expected: Vec<u64> = (name.first..=name.last).collect();
+            assert_eq!(offsets, expected, "object {name:?} holds exactly its range");
+            let max_ts = records
+                .iter()
+                .filter_map(|r| r.timestamp)
+                .max()
+                .unwrap_or(0);
+            assert_eq!(name.max_ts, max_ts.max(0));
+            for record in records {
+                assert_eq!(record.partition, *partition);
+                assert!(record.timestamp.is_some(), "broker timestamp kept");
+                let key = record.key_bytes().unwrap().unwrap_or_default();
+                let value = record.value_bytes().unwrap().unwrap_or_default();
+                *got.entry((key, value)).or_default() += 1;
+            }
+            next = name.last + 1;
+        }
+    }
+    let mut produced: BTreeMap<(Vec<u8>, Vec<u8>), u64> = BTreeMap::new();
+    for (key, value) in &load.messages {
+        *produced
+            .entry((key.as_bytes().to_vec(), value.clone()))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        got.values().sum::<u64>(),
+        load.messages.len() as u64,
+        "message count"
+    );
+    assert!(
+        got == produced,
+        "archived messages differ from the produced ones"
+    );
+}
+
+fn start_archiver(
+    brokers: &str,
+    topic: &str,
+    store: &[String],
+    log: &std::path::Path,
+    extra: &[&str],
+) -> Child {
+    let mut args = vec![
+        "archive".to_owned(),
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+        "--group=archive-crash-test".to_owned(),
+        "--kafka-session-timeout=2s".to_owned(),
+        "--flush-interval=200ms".to_owned(),
+        "--max-batch-messages=400".to_owned(),
+    ];
+    args.extend(store.iter().cloned());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    common::spawn_topk(&args, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_archived_exactly_once_across_kill_9() {
+    // The dev broker trims a partition beyond 100,000 messages or 5 MB, which would delete
+    // messages before a crashed archiver's successor reads them: the full version (450k
+    // messages) spreads them over more partitions.
+    let (broker, topic) = common::dev_broker(if scale() > 1 { 32 } else { 4 });
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("archive dir");
+    let store = store_flags(&dir.path().display().to_string(), None);
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut rng = workload::rng("archive-crash");
+    let mut load = Workload::new();
+
+    let kills = if scale() > 1 { 30 } else { 8 };
+    for round in 0..kills {
+        let added = load.add(&mut rng, 1_500 * scale(), workload::now_ms(), MIX);
+        workload::produce(&brokers, &topic, &load.messages[added]).await;
+        // Every other archiver sleeps between its puts and its commit, so that most kills of
+        // those land after an upload and before the commit that would have covered it.
+        let extra: &[&str] = if round % 2 == 0 {
+            &["--test-pause-before-commit=700ms"]
+        } else {
+            &[]
+        };
+        let log = logs.path().join(format!("archiver-{round:02}.log"));
+        if round == 0 {
+            // One kill surely between an upload and its commit: the commit never comes, and the
+            // kill follows the first object seen in the store.
+            let mut child = start_archiver(
+                &brokers,
+                &topic,
+                &store,
+                &log,
+                &["--test-pause-before-commit=1h"],
+            );
+            while archived_count(&store, &topic).await == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            child.start_kill().expect("SIGKILL");
+            child.wait().await.expect("reaped");
+            continue;
+        }
+        let mut child = start_archiver(&brokers, &topic, &store, &log, extra);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..4_000))).await;
+        child.start_kill().expect("SIGKILL");
+        child.wait().await.expect("reaped");
+    }
+
+    let log = logs.path().join("archiver-final.log");
+    let child = start_archiver(&brokers, &topic, &store, &log, &[]);
+    wait_for_archive(
+        &store,
+        &topic,
+        load.messages.len(),
+        Duration::from_secs(180),
+    )
+    .await;
+    common::terminate(child).await;
+
+    assert_archive_is_exact(&store, &topic, &load).await;
+    assert!(
+        load.dead.len() >= 7,
+        "every malformed kind produced: {:?}",
+        load.dead
+    );
+
+    // Proof that the rewrite path ran: a later archiver found objects past the committed offset
+    // (at least those of round 0) and rewrote them under the same names.
+    let rewrites = common::count_log_lines(logs.path(), "partition resumed", "existing=0");
+    assert!(
+        rewrites > 0,
+        "no kill landed between an upload and its commit; logs in {:?}",
+        logs.keep()
+    );
+}
+
+/// Archiver and aggregator run side by side on the same traffic until both are done.
+async fn archive_and_aggregate(
+    brokers: &str,
+    topic: &str,
+    store: &[String],
+    clickhouse: &topk::config::ClickHouseArgs,
+    load: &Workload,
+    aggregator_group: &str,
+) {
+    let archiver_stop = CancellationToken::new();
+    let archiver = tokio::spawn(topk_archive::run(
+        archive_args(brokers, topic, store, &[]),
+        archiver_stop.clone(),
+    ));
+    let aggregator_stop = CancellationToken::new();
+    let aggregator = tokio::spawn(topk_aggregator::run(
+        common::aggregator_args(
+            brokers,
+            topic,
+            clickhouse,
+            &[
+                &format!("--group={aggregator_group}"),
+                "--flush-interval=500ms",
+            ],
+        ),
+        aggregator_stop.clone(),
+    ));
+    workload::wait_for_total(clickhouse, load.total(), Duration::from_secs(180)).await;
+    wait_for_archive(store, topic, load.messages.len(), Duration::from_secs(180)).await;
+    aggregator_stop.cancel();
+    archiver_stop.cancel();
+    aggregator
+        .await
+        .expect("joins")
+        .expect("aggregator stops cleanly");
+    archiver
+        .await
+        .expect("joins")
+        .expect("archiver stops cleanly");
+    workload::assert_same_totals(&workload::totals(clickhouse).await, &load.truth);
+}
+
+/// `(rows, plays)` of `plays_minute` as stored, without any read-side deduplication: equal
+/// before and after a re-run only if the re-run changed nothing.
+async fn stored(clickhouse: &topk::config::ClickHouseArgs) -> (u64, u64) {
+    topk::olap::client(clickhouse)
+        .query("SELECT count(), sum(plays) FROM plays_minute")
+        .fetch_one::<(u64, u64)>()
+        .await
+        .expect("stored rows")
+}
+
+/// Drops every table of the test's database and recreates the schema: ClickHouse lost.
+async fn lose_clickhouse(clickhouse: &topk::config::ClickHouseArgs) {
+    common::drop_database(clickhouse).await;
+    topk::migrate::run(clickhouse).await.expect("schema again");
+    assert_eq!(workload::grand_total(clickhouse).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disaster_drill_from_a_local_directory() {
+    let (broker, topic) = common::dev_broker(4);
+    let brokers = broker.bootstrap_servers();
+    let clickhouse = common::migrated_database().await;
+    let dir = tempfile::tempdir().expect("archive dir");
+    let store = store_flags(&dir.path().display().to_string(), None);
+    let mut load = Workload::new();
+    load.add(
+        &mut workload::rng("drill-local"),
+        6_000 * scale(),
+        workload::now_ms(),
+        MIX,
+    );
+    workload::produce(&brokers, &topic, &load.messages).await;
+    let group = common::unique("aggregator");
+    archive_and_aggregate(&brokers, &topic, &store, &clickhouse, &load, &group).await;
+
+    // On top of what the aggregator wrote, up to where it committed: nothing counts twice.
+    let up_to = [format!("--up-to-group={group}")];
+    let args = backfill_args(&brokers, &topic, &store, &clickhouse, &up_to);
+    let report = topk_archive::backfill::run(&args).await.expect("backfill");
+    assert_eq!(report.plays, load.total());
+    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+
+    // ClickHouse lost: the archive alone brings every count back.
+    lose_clickhouse(&clickhouse).await;
+    let args = backfill_args(&brokers, &topic, &store, &clickhouse, &up_to);
+    let first: BackfillReport = topk_archive::backfill::run(&args).await.expect("backfill");
+    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+    assert_eq!(first.messages, load.messages.len() as u64);
+    assert_eq!(first.rejected, load.dead_total());
+    assert_eq!(first.plays, load.total());
+    assert_eq!(first.gaps, 0);
+    let after_first = stored(&clickhouse).await;
+    assert_eq!(after_first.1, load.total());
+
+    // Idempotent: a second run leaves the table exactly as it was.
+    let second = topk_archive::backfill::run(&args)
+        .await
+        .expect("backfill again");
+    assert_eq!(second, first);
+    assert_eq!(stored(&clickhouse).await, after_first);
+
+    // The replaced days are marked touched, so rollups of them are recomputed.
+    let touched: u64 = topk::olap::client(&clickhouse)
+        .query("SELECT uniqExact(day) FROM day_touches")
+        .fetch_one()
+        .await
+        .expect("touches");
+    assert_eq!(touched, first.days.len() as u64);
+    common::drop_database(&clickhouse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disaster_drill_from_the_s3_compatible_server_with_the_cli() {
+    let (broker, topic) = common::dev_broker(4);
+    let brokers = broker.bootstrap_servers();
+    let clickhouse = common::migrated_database().await;
+    let endpoint = s3_endpoint();
+    let store = store_flags(
+        &format!("s3://{}/drill", new_bucket(&endpoint)),
+        Some(&endpoint),
+    );
+    let mut load = Workload::new();
+    load.add(
+        &mut workload::rng("drill-s3"),
+        4_000 * scale(),
+        workload::now_ms(),
+        MIX,
+    );
+    workload::produce(&brokers, &topic, &load.messages).await;
+    let group = common::unique("aggregator");
+    archive_and_aggregate(&brokers, &topic, &store, &clickhouse, &load, &group).await;
+    assert_archive_is_exact(&store, &topic, &load).await;
+
+    lose_clickhouse(&clickhouse).await;
+    let backfill = || {
+        std::process::Command::new(common::topk_bin())
+            .arg("backfill")
+            .args([
+                format!("--kafka-brokers={brokers}"),
+                format!("--kafka-topic={topic}"),
+                format!("--clickhouse-url={}", clickhouse.url),
+                format!("--clickhouse-database={}", clickhouse.database),
+                format!("--since={}", since_day()),
+                format!("--up-to-group={group}"),
+            ])
+            .args(&store)
+            .output()
+            .expect("topk backfill runs")
+    };
+    let output = backfill();
+    assert!(
+        output.status.success(),
+        "topk backfill failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    assert_eq!(report["plays"], load.total());
+    // Not a terminal: progress comes as plain log lines.
+    assert!(String::from_utf8_lossy(&output.stderr).contains("partition replayed"));
+    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+    let after_first = stored(&clickhouse).await;
+    assert!(backfill().status.success());
+    assert_eq!(stored(&clickhouse).await, after_first);
+    common::drop_database(&clickhouse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_is_waited_out_without_loss() {
+    // A private S3-compatible server that is down when the archiver starts.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        listener.local_addr().expect("addr").port()
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (broker, topic) = common::dev_broker(2);
+    let brokers = broker.bootstrap_servers();
+    let mut load = Workload::new();
+    load.add(
+        &mut workload::rng("s3-outage"),
+        2_000,
+        workload::now_ms(),
+        MIX,
+    );
+    workload::produce(&brokers, &topic, &load.messages).await;
+    let store = store_flags("s3://outage", Some(&endpoint));
+    let stop = CancellationToken::new();
+    let archiver = tokio::spawn(topk_archive::run(
+        archive_args(&brokers, &topic, &store, &[]),
+        stop.clone(),
+    ));
+    // Long enough for several failed uploads and retries.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !archiver.is_finished(),
+        "the archiver waits, it does not give up"
+    );
+
+    let mut moto = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("moto_server starts (scripts/stack install)");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = std::process::Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{endpoint}/outage")])
+            .stdout(Stdio::null())
+            .status()
+            .expect("curl");
+        if created.success() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "moto did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for_archive(
+        &store,
+        &topic,
+        load.messages.len(),
+        Duration::from_secs(120),
+    )
+    .await;
+    stop.cancel();
+    archiver.await.expect("joins").expect("clean stop");
+    assert_archive_is_exact(&store, &topic, &load).await;
+    moto.start_kill().expect("stop moto");
+    moto.wait().await.expect("reaped");
+}

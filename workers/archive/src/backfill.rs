@@ -1,0 +1,434 @@
+//! `topk backfill`: rebuilds the per-minute counts of whole UTC days from the archive.
+//!
+//! Every archived partition is replayed in offset order through the aggregator's own partition
+//! state (validation against the recorded broker timestamp, dedup over effective time), so each
+//! message is decided exactly as an aggregator decided it. The counts of the days in
+//! `[since, until)` go to a staging table, and each of those day partitions of `plays_minute`
+//! is then *replaced* by the staging one (`ALTER TABLE … REPLACE PARTITION … FROM`, atomic per
+//! day). Whatever the aggregator wrote for those days is gone, so nothing counts twice, and a
+//! second run replaces the days with identical rows. See ARCHITECTURE.md, "Backfill".
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use indicatif::{ProgressBar, ProgressStyle};
+use object_store::{ObjectStore, ObjectStoreExt as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use topk::event::MAX_FUTURE_MS;
+use topk_aggregator::partition::{Message, Outcome};
+use topk_aggregator::store::PlayRow;
+
+use crate::BackfillArgs;
+use crate::events;
+use crate::record::{self, DecodeError};
+use crate::store::{self, Listed, StoreError};
+
+/// The `batch_id` of every row a backfill writes. Aggregator ids are FNV-1a hashes of a batch's
+/// coordinates; a replaced day holds backfill rows only, so one constant id keeps a re-run's
+/// rows identical.
+pub const BACKFILL_BATCH_ID: u64 = 0;
+
+const DAY_SECS: i64 = 86_400;
+
+/// Why a backfill stopped (nothing was replaced unless the error says so).
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error("--until ({until}) must be after --since ({since})")]
+    EmptyRange {
+        since: time::Date,
+        until: time::Date,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading the archive: {0}")]
+    Read(#[from] object_store::Error),
+    #[error("archive object {object}: {source}")]
+    Decode {
+        object: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("reading the committed offsets of group {group}: {source}")]
+    Committed {
+        group: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(
+        "the archive of partition {partition} ends before offset {committed}, which the aggregators already counted: wait until the archiver has caught up"
+    )]
+    ArchiveBehind { partition: i32, committed: u64 },
+    #[error("ClickHouse (staging table {staging}): {source}")]
+    ClickHouse {
+        staging: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+}
+
+/// What a backfill did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct BackfillReport {
+    /// The UTC days replaced.
+    pub days: Vec<String>,
+    pub partitions: u64,
+    pub objects_read: u64,
+    /// Objects too old to matter (every message produced long before `--since`).
+    pub objects_skipped: u64,
+    pub messages: u64,
+    /// Plays counted into the replaced days.
+    pub plays: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// Rows written to `plays_minute`.
+    pub rows: u64,
+    /// Places where offsets were missing between two objects.
+    pub gaps: u64,
+}
+
+/// Parses a `YYYY-MM-DD` day.
+pub fn parse_day(text: &str) -> Result<time::Date, String> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(text, &format).map_err(|e| format!("expected YYYY-MM-DD: {e}"))
+}
+
+fn day_secs(day: time::Date) -> i64 {
+    day.midnight().assume_utc().unix_timestamp()
+}
+
+type Cells = HashMap<(u64, u64, u32), u64>;
+
+/// Rebuilds the days `[since, until)` of `plays_minute` from the archive.
+pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
+    let until = args.until.unwrap_or_else(|| {
+        time::OffsetDateTime::now_utc()
+            .date()
+            .next_day()
+            .unwrap_or(time::Date::MAX)
+    });
+    if until <= args.since {
+        return Err(BackfillError::EmptyRange {
+            since: args.since,
+            until,
+        });
+    }
+    let (since_s, until_s) = (day_secs(args.since), day_secs(until));
+    let topic = args.kafka.topic.as_str();
+    let store = store::open(&args.store)?;
+    let listing = store::list_topic(store.as_ref(), topic).await?;
+
+    let cutoffs = match &args.up_to_group {
+        Some(group) => Some(committed_offsets(&args.kafka.brokers, group, topic).await?),
+        None => None,
+    };
+    if let Some(cutoffs) = &cutoffs {
+        for (&partition, &committed) in cutoffs {
+            let archived_end = listing
+                .get(&partition)
+                .and_then(|objects| objects.iter().map(|l| l.name.last + 1).max())
+                .unwrap_or(0);
+            if archived_end < committed {
+                return Err(BackfillError::ArchiveBehind {
+                    partition,
+                    committed,
+                });
+            }
+        }
+    }
+
+    // An object whose every message was produced before this cannot change a decision about a
+    // play of the range (argument in ARCHITECTURE.md, "Backfill"), so a leading run of them is
+    // skipped without being downloaded.
+    let relevant_from = since_s * 1000 - MAX_FUTURE_MS - args.rules.dedup_window_ms() - 1;
+    let mut report = BackfillReport::default();
+    let mut plan: Vec<(i32, Option<u64>, Vec<Listed>)> = Vec::new();
+    for (&partition, objects) in &listing {
+        let cutoff = cutoffs
+            .as_ref()
+            .map(|c| c.get(&partition).copied().unwrap_or(0));
+        let skip = objects
+            .iter()
+            .take_while(|l| l.name.max_ts < relevant_from)
+            .count();
+        report.objects_skipped += skip as u64;
+        let wanted: Vec<Listed> = objects[skip..]
+            .iter()
+            .filter(|l| cutoff.is_none_or(|c| l.name.first < c))
+            .copied()
+            .collect();
+        plan.push((partition, cutoff, wanted));
+    }
+    let total_bytes: u64 = plan.iter().flat_map(|(_, _, o)| o).map(|l| l.size).sum();
+    let bar = progress_bar(total_bytes);
+
+    let mut cells = Cells::new();
+    for (partition, cutoff, objects) in plan {
+        let read = replay_partition(
+            &store,
+            topic,
+            args,
+            partition,
+            cutoff,
+            objects,
+            &bar,
+            &mut report,
+        )
+        .await?;
+        for ((user, song, minute), plays) in read {
+            if (since_s..until_s).contains(&i64::from(minute)) {
+                *cells.entry((user, song, minute)).or_default() += plays;
+            }
+        }
+        report.partitions += 1;
+        if bar.is_hidden() {
+            tracing::info!(
+                partition,
+                objects_read = report.objects_read,
+                messages = report.messages,
+                "backfill: partition replayed"
+            );
+        }
+    }
+    bar.finish_and_clear();
+    report.plays = cells.values().sum();
+
+    let days: Vec<i64> = (since_s..until_s).step_by(DAY_SECS as usize).collect();
+    report.rows = replace_days(&topk::olap::client(&args.clickhouse), &days, cells).await?;
+    report.days = days
+        .iter()
+        .map(|&d| {
+            topk::query::date_literal(d as u32)
+                .trim_matches('\'')
+                .to_owned()
+        })
+        .collect();
+    Ok(report)
+}
+
+fn progress_bar(total_bytes: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_bytes);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} backfill [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta}) {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Replays one partition's objects, in offset order, through a fresh aggregator partition
+/// state; returns every count it produced (all days).
+#[allow(clippy::too_many_arguments)]
+async fn replay_partition(
+    store: &Arc<dyn ObjectStore>,
+    topic: &str,
+    args: &BackfillArgs,
+    partition: i32,
+    cutoff: Option<u64>,
+    objects: Vec<Listed>,
+    bar: &ProgressBar,
+    report: &mut BackfillReport,
+) -> Result<Cells, BackfillError> {
+    let mut state = args.rules.partition_state(partition);
+    let mut cells = Cells::new();
+    let mut next: Option<u64> = None;
+    let mut bodies = futures::stream::iter(objects)
+        .map(|listed| {
+            let store = Arc::clone(store);
+            let path = listed.name.path(topic);
+            async move {
+                let body = store.get(&path).await?.bytes().await?;
+                Ok::<_, object_store::Error>((listed, path, body))
+            }
+        })
+        .buffered(args.prefetch.max(1));
+    'objects: while let Some((listed, path, body)) = bodies.try_next().await? {
+        bar.set_message(format!("partition {partition}"));
+        let records = record::decode(&body).map_err(|source| BackfillError::Decode {
+            object: path.to_string(),
+            source,
+        })?;
+        report.objects_read += 1;
+        for record in records {
+            // Objects may overlap (see ARCHITECTURE.md): an offset already replayed is skipped.
+            if next.is_some_and(|n| record.offset < n) {
+                continue;
+            }
+            if let Some(n) = next.filter(|&n| record.offset > n) {
+                events::archive_gap(partition, n, record.offset);
+                report.gaps += 1;
+            }
+            if cutoff.is_some_and(|c| record.offset >= c) {
+                break 'objects;
+            }
+            // `decode` checked the base64 already.
+            let key = record.key_bytes().unwrap_or_default();
+            let value = record.value_bytes().unwrap_or_default();
+            let outcome = state.process(Message {
+                offset: record.offset,
+                timestamp: record.timestamp,
+                key: key.as_deref(),
+                payload: value.as_deref(),
+            });
+            report.messages += 1;
+            match outcome {
+                Outcome::Counted => {}
+                Outcome::Duplicate => report.duplicates += 1,
+                Outcome::DeadLetter(_) => report.rejected += 1,
+            }
+            next = Some(record.offset + 1);
+        }
+        drain(&mut state, &mut cells);
+        bar.inc(listed.size);
+    }
+    drain(&mut state, &mut cells);
+    Ok(cells)
+}
+
+/// Moves the counts processed so far out of the partition state (its dedup memory stays).
+fn drain(state: &mut topk_aggregator::partition::PartitionState, cells: &mut Cells) {
+    state.seal();
+    for batch in state.take_sealed() {
+        for (key, plays) in batch.counts {
+            *cells.entry(key).or_default() += plays;
+        }
+    }
+}
+
+/// The offsets `group` has committed on every partition of `topic` (0 where it never did: the
+/// aggregators will start there and count everything themselves).
+async fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, u64>, BackfillError> {
+    let (brokers, group_owned, topic) = (brokers.to_owned(), group.to_owned(), topic.to_owned());
+    let read = tokio::task::spawn_blocking(move || -> Result<BTreeMap<i32, u64>, KafkaError> {
+        // Reading committed offsets does not join the group.
+        let consumer: BaseConsumer =
+            topk::kafka::consumer_config(&brokers, &group_owned).create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut list = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                list.add_partition(&topic, p.id());
+            }
+        }
+        let committed = consumer.committed_offsets(list, timeout)?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(n) => (e.partition(), u64::try_from(n).unwrap_or(0)),
+                _ => (e.partition(), 0),
+            })
+            .collect())
+    })
+    .await
+    .expect("the committed-offsets reader does not panic");
+    read.map_err(|source| BackfillError::Committed {
+        group: group.to_owned(),
+        source,
+    })
+}
+
+/// Writes `cells` to a staging table and replaces each day partition of `plays_minute` with
+/// the staging one (an empty day too: its partition is then dropped). Marks the days touched so
+/// their rollups are recomputed. Returns the rows written.
+async fn replace_days(
+    client: &clickhouse::Client,
+    days: &[i64],
+    cells: Cells,
+) -> Result<u64, BackfillError> {
+    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64;
+    let staging = format!(
+        "plays_minute_backfill_{:016x}",
+        nanos ^ u64::from(std::process::id()).rotate_left(32)
+    );
+    let result = write_and_replace(client, &staging, days, cells).await;
+    // Best effort: a leftover staging table holds no counts anyone reads.
+    let _ = client
+        .query(&format!("DROP TABLE IF EXISTS {staging}"))
+        .execute()
+        .await;
+    result.map_err(|source| BackfillError::ClickHouse { staging, source })
+}
+
+async fn write_and_replace(
+    client: &clickhouse::Client,
+    staging: &str,
+    days: &[i64],
+    cells: Cells,
+) -> Result<u64, clickhouse::error::Error> {
+    client
+        .query(&format!("CREATE TABLE {staging} AS plays_minute"))
+        .execute()
+        .await?;
+    let rows = cells.len() as u64;
+    let mut insert = client.insert::<PlayRow>(staging).await?;
+    for ((user_id, song_id, minute), plays) in cells {
+        insert
+            .write(&PlayRow {
+                user_id,
+                song_id,
+                minute,
+                plays,
+                batch_id: BACKFILL_BATCH_ID,
+            })
+            .await?;
+    }
+    insert.end().await?;
+    for &day in days {
+        client
+            .query(&format!(
+                "ALTER TABLE plays_minute REPLACE PARTITION {} FROM {staging}",
+                partition_id(day)
+            ))
+            .execute()
+            .await?;
+    }
+    // After the counts, as the aggregator does: the rollups of these days are out of date.
+    let values: Vec<String> = days
+        .iter()
+        .map(|&d| format!("({})", topk::query::date_literal(d as u32)))
+        .collect();
+    client
+        .query(&format!(
+            "INSERT INTO day_touches (day) VALUES {}",
+            values.join(", ")
+        ))
+        .execute()
+        .await?;
+    Ok(rows)
+}
+
+/// `toYYYYMMDD` of a day start: the partition of `plays_minute` holding that day.
+fn partition_id(day: i64) -> u32 {
+    let date = time::OffsetDateTime::from_unix_timestamp(day)
+        .map(|t| t.date())
+        .unwrap_or(time::Date::MIN);
+    date.year() as u32 * 10_000 + u32::from(u8::from(date.month())) * 100 + u32::from(date.day())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_and_partitions() {
+        let day = parse_day("2026-11-29").unwrap();
+        assert_eq!(day_secs(day), 1_795_910_400);
+        assert_eq!(partition_id(day_secs(day)), 20_261_129);
+        assert!(parse_day("29/11/2026").is_err());
+    }
+}
