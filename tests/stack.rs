@@ -1,6 +1,6 @@
 //! `scripts/stack` itself: a private stack (its own folder and ports) comes up, a second `up`
 //! changes nothing, the dev broker serves Kafka on its fixed port, the Redis Cluster holds every
-//! slot, and `down` leaves no process.
+//! slot, the S3-compatible server answers, and `down` leaves no process.
 
 mod common;
 
@@ -27,6 +27,7 @@ fn stack(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
             "TOPK_STACK_REDIS_CLUSTER_PORTS",
             format!("{} {} {}", base_port + 4, base_port + 5, base_port + 6),
         )
+        .env("TOPK_STACK_S3_PORT", (base_port + 7).to_string())
         .output()
         .expect("scripts/stack runs");
     assert!(
@@ -77,6 +78,7 @@ async fn up_twice_then_down_leaves_nothing() {
             &format!("redis-cluster-{}", base + 4),
             &format!("redis-cluster-{}", base + 5),
             &format!("redis-cluster-{}", base + 6),
+            "s3",
         ]
     );
     assert!(first.values().all(|&pid| alive(pid)));
