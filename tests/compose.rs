@@ -1,0 +1,179 @@
+//! `docker-compose.yml` cannot run here (no Docker engine), so its structure is checked: every
+//! role is there with a healthcheck, every `TOPK_…` variable it sets is one the role's command
+//! reads (as `topk <role> --help` lists it), the published ports are the contract's defaults,
+//! and the migrations use only the MergeTree syntax a current ClickHouse accepts.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The compose file as JSON (PyYAML, installed with schemathesis by `scripts/stack install`,
+/// resolves the `<<` merge keys).
+fn compose() -> Value {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
+        ])
+        .arg(common::workspace_root().join("docker-compose.yml"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "docker-compose.yml parses: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON from python")
+}
+
+fn help(subcommand: &str) -> String {
+    let output = Command::new(common::topk_bin())
+        .args([subcommand, "--help"])
+        .output()
+        .expect("topk runs");
+    assert!(output.status.success(), "topk {subcommand} --help");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn every_role_reads_the_variables_compose_sets() {
+    let compose = compose();
+    let services = compose["services"].as_object().expect("services");
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    for required in [
+        "kafka",
+        "clickhouse",
+        "redis",
+        "create-topics",
+        "migrate",
+        "aggregator",
+        "maintenance",
+        "refresher",
+        "warmup",
+        "archiver",
+        "api",
+    ] {
+        assert!(names.contains(required), "service {required} missing");
+    }
+    /// Connection settings every role gets from one YAML anchor.
+    const SHARED: [&str; 3] = ["TOPK_KAFKA_", "TOPK_CLICKHOUSE_", "TOPK_REDIS_"];
+    let mut roles = BTreeSet::new();
+    let (mut read, mut shared) = (BTreeSet::new(), BTreeSet::new());
+    for (name, service) in services {
+        let long_running = service.get("restart").is_none()
+            && !matches!(name.as_str(), "create-topics" | "migrate" | "warmup");
+        if long_running {
+            assert!(
+                service.get("healthcheck").is_some(),
+                "{name} has no healthcheck"
+            );
+        }
+        if service.get("build").is_none() {
+            continue;
+        }
+        let command = service["command"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: command starts with a topk subcommand"));
+        roles.insert(command.to_owned());
+        let help = help(command);
+        let env = service["environment"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name}: environment map"));
+        for variable in env.keys().filter(|k| k.starts_with("TOPK_")) {
+            if help.contains(&format!("[env: {variable}")) {
+                read.insert(variable.clone());
+            } else if SHARED.iter().any(|prefix| variable.starts_with(prefix)) {
+                // The shared connection block goes to every role; some roles need only part.
+                shared.insert(variable.clone());
+            } else {
+                panic!("{name} sets {variable}, which `topk {command}` does not read");
+            }
+        }
+    }
+    for variable in &shared {
+        assert!(read.contains(variable), "no role reads {variable}");
+    }
+    assert_eq!(
+        roles,
+        [
+            "aggregate",
+            "archive",
+            "create-topics",
+            "maintain",
+            "migrate",
+            "refresh",
+            "serve",
+            "warmup"
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+    );
+    // The contract's default ports (DESIGN.md, "Defaults").
+    for (service, port) in [
+        ("kafka", "9092:9092"),
+        ("clickhouse", "8123:8123"),
+        ("redis", "6379:6379"),
+        ("api", "8080:8080"),
+    ] {
+        let ports = services[service]["ports"].as_array().expect("ports");
+        assert!(
+            ports.iter().any(|p| p.as_str() == Some(port)),
+            "{service} publishes {port}"
+        );
+    }
+}
+
+#[test]
+fn migrations_use_syntax_a_current_clickhouse_accepts() {
+    let dir = common::workspace_root().join("schema");
+    let mut tables = 0;
+    for entry in std::fs::read_dir(&dir).expect("schema folder") {
+        let path = entry.expect("entry").path();
+        let sql = std::fs::read_to_string(&path).expect("readable");
+        let code: String = sql
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for statement in code.split(';').filter(|s| s.contains("CREATE TABLE")) {
+            tables += 1;
+            // Current ClickHouse rejects the old `MergeTree(date, key, granularity)` form unless
+            // told to allow deprecated syntax: every table must declare ORDER BY instead.
+            assert!(
+                statement.contains("ORDER BY"),
+                "{}: a table without ORDER BY (old MergeTree syntax)",
+                path.display()
+            );
+            // `ENGINE = Name` or `ENGINE = Name(args)`: the arguments right after the name.
+            let engine = statement
+                .split("ENGINE")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{}: ENGINE clause", path.display()))
+                .trim_start_matches([' ', '=', '\n']);
+            let name_end = engine
+                .find(|c: char| !c.is_alphanumeric())
+                .unwrap_or(engine.len());
+            let args = engine[name_end..]
+                .strip_prefix('(')
+                .and_then(|rest| rest.split_once(')'))
+                .map_or("", |(args, _)| args);
+            assert!(
+                !args.contains(','),
+                "{}: engine parameters in the old form: ({args})",
+                path.display()
+            );
+            for unsupported in ["allow_experimental", "LowCardinality", "TTL "] {
+                assert!(
+                    !statement.contains(unsupported),
+                    "{}: {unsupported} is not available on ClickHouse 18.16",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(tables >= 6, "every table checked ({tables})");
+}
