@@ -16,22 +16,14 @@
 //! last ones. Prints one JSON line with the percentiles and every sample (for the report's
 //! chart).
 
+mod common;
+
+use common::{env_or, unique};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", rand::random::<u64>())
-}
 
 fn parse<T: clap::Args + clap::FromArgMatches>(argv: Vec<String>) -> T {
     use clap::Parser;
@@ -62,18 +54,11 @@ async fn measure(flush: &str, refresh: &str, seconds: u64, rate: u32) -> serde_j
     broker
         .create_topic(&topk::config::dlq_topic(&topic), 8)
         .expect("dlq");
-    let clickhouse_url =
-        std::env::var("TOPK_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
     let redis_url =
         std::env::var("TOPK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let database = unique("topk_fresh");
+    let clickhouse = common::clickhouse_args("topk_fresh");
+    let (clickhouse_url, database) = (clickhouse.url.clone(), clickhouse.database.clone());
     let prefix = unique("topk_fresh");
-    let clickhouse = topk::config::ClickHouseArgs {
-        url: clickhouse_url.clone(),
-        database: database.clone(),
-        user: "default".into(),
-        password: String::new(),
-    };
     topk::migrate::run(&clickhouse).await.expect("migrate");
 
     let shutdown = CancellationToken::new();

@@ -14,22 +14,14 @@
 //! counted, and compared with the cap and with the RSS of the same process idle on an empty
 //! topic (runtime, librdkafka buffers, ClickHouse client). Prints one JSON line.
 
+mod common;
+
+use common::{env_or, unique};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::producer::FutureRecord;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", rand::random::<u64>())
-}
 
 /// `VmRSS` and `VmHWM` of a process, in bytes.
 fn rss(pid: u32) -> (u64, u64) {
@@ -74,13 +66,7 @@ struct Aggregator {
 }
 
 fn spawn_aggregator(bin: &std::path::Path, brokers: &str, topic: &str, cap: u64) -> Aggregator {
-    let database = topk::config::ClickHouseArgs {
-        url: std::env::var("TOPK_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: unique("topk_mem"),
-        user: "default".into(),
-        password: String::new(),
-    };
+    let database = common::clickhouse_args("topk_mem");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -12,19 +12,15 @@
 //! a day's rollup saves few rows), plus `TOPK_BENCH_HEAVY_USERS` (100) heavy listeners with
 //! 3,000 plays of 15 songs each; every full day is rolled up first. Prints one JSON line: single-user p50/p99 and batch users/s for both.
 
+mod common;
+
+use common::env_or;
 use std::time::Instant;
 
 use rand::Rng;
 use topk::clock::SystemClock;
 use topk::query::TopQuery;
 use topk::window::Window;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -62,36 +58,18 @@ async fn main() {
     let rows: u64 = env_or("TOPK_BENCH_ROWS", 1_000_000);
     let users: u64 = env_or("TOPK_BENCH_USERS", 10_000);
     let samples: usize = env_or("TOPK_BENCH_SAMPLES", 300);
-    let args = topk::config::ClickHouseArgs {
-        url: std::env::var("TOPK_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: format!("topk_bench_{:08x}", rand::random::<u32>()),
-        user: "default".into(),
-        password: String::new(),
-    };
+    let args = common::clickhouse_args("topk_bench");
     topk::migrate::run(&args).await.expect("migrate");
     let client = topk::olap::client(&args);
     let now = topk::clock::Clock::now_ms(&SystemClock);
     let window = Window::at(now);
-    let span = 9 * 86_400u64;
-    let newest = u64::from(window.end) - 60;
-    eprintln!("generating {rows} minute rows for {users} users over 9 days…");
-    client
-        .query(&format!(
-            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
-             SELECT number % {users} + 1, \
-                    ((number % {users}) * 7919 + cityHash64(number) % 30) % 2000 + 1, \
-                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 1) % {span}))), \
-                    1 + number % 3, intDiv(number, 100000) \
-             FROM numbers({rows})"
-        ))
-        .execute()
-        .await
-        .expect("generate");
+    common::generate_minute_rows(&client, window, users, rows).await;
     // Heavy listeners, the users rollups are for: each plays 15 songs on repeat, ~330 times a
     // day, so a day's rollup holds 15 rows where the minute table holds hundreds.
     let heavy: u64 = env_or("TOPK_BENCH_HEAVY_USERS", 100);
     let heavy_rows = heavy * 3_000;
+    let span = 9 * 86_400u64;
+    let newest = u64::from(window.end) - 60;
     client
         .query(&format!(
             "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \

@@ -16,6 +16,9 @@
 //! `TOPK_BENCH_REDIS_CLUSTER=1` writes to the stack's Redis Cluster.
 //! Prints one JSON line.
 
+mod common;
+
+use common::env_or;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -24,13 +27,6 @@ use topk::clock::{Clock, SystemClock};
 use topk::query::TopQuery;
 use topk::window::{MAX_LIMIT, Window};
 use topk_refresher::{RefreshSettings, Refresher};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {
@@ -41,13 +37,7 @@ async fn main() {
     let concurrency: usize = env_or("TOPK_BENCH_CONCURRENCY", 2);
     let baseline_users: u64 = env_or("TOPK_BENCH_BASELINE_USERS", 2_000);
     let rows = users * per_user;
-    let args = topk::config::ClickHouseArgs {
-        url: std::env::var("TOPK_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: format!("topk_bench_{:08x}", rand::random::<u32>()),
-        user: "default".into(),
-        password: String::new(),
-    };
+    let args = common::clickhouse_args("topk_bench");
     // TOPK_BENCH_REDIS_CLUSTER=1: write to the stack's Redis Cluster instead of the one server.
     let cluster = std::env::var_os("TOPK_BENCH_REDIS_CLUSTER").is_some();
     let redis_args = topk::config::RedisArgs {
@@ -66,21 +56,7 @@ async fn main() {
     let client = topk::olap::client(&args);
     let now = SystemClock.now_ms();
     let window = Window::at(now);
-    let span = 9 * 86_400u64;
-    let newest = u64::from(window.end) - 60;
-    eprintln!("generating {rows} minute rows for {users} users over 9 days…");
-    client
-        .query(&format!(
-            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
-             SELECT number % {users} + 1, \
-                    ((number % {users}) * 7919 + cityHash64(number) % 30) % 2000 + 1, \
-                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 1) % {span}))), \
-                    1 + number % 3, intDiv(number, 100000) \
-             FROM numbers({rows})"
-        ))
-        .execute()
-        .await
-        .expect("generate");
+    common::generate_minute_rows(&client, window, users, rows).await;
     client
         .query(
             "INSERT INTO day_touches (day, touched_at) \

@@ -19,6 +19,42 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
 
+/// Settings of a fresh database (named `<prefix>_<random>`) on the stack's ClickHouse.
+pub fn clickhouse_args(prefix: &str) -> topk::config::ClickHouseArgs {
+    topk::config::ClickHouseArgs {
+        url: std::env::var("TOPK_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        database: unique(prefix),
+        user: "default".into(),
+        password: String::new(),
+    }
+}
+
+/// Inserts `rows` minute rows for `users` users spread over the 9 days before `window` ends,
+/// generated inside ClickHouse: each user repeats ~30 favourite songs out of 2,000.
+pub async fn generate_minute_rows(
+    client: &clickhouse::Client,
+    window: topk::window::Window,
+    users: u64,
+    rows: u64,
+) {
+    let span = 9 * 86_400u64;
+    let newest = u64::from(window.end) - 60;
+    eprintln!("generating {rows} minute rows for {users} users over 9 days…");
+    client
+        .query(&format!(
+            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
+             SELECT number % {users} + 1, \
+                    ((number % {users}) * 7919 + cityHash64(number) % 30) % 2000 + 1, \
+                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 1) % {span}))), \
+                    1 + number % 3, intDiv(number, 100000) \
+             FROM numbers({rows})"
+        ))
+        .execute()
+        .await
+        .expect("generate");
+}
+
 /// Produces `events` valid plays of `users` users and 10,000 songs spread over the last hour;
 /// returns the seconds it took.
 pub async fn produce(brokers: &str, topic: &str, events: u64, users: u64) -> f64 {
