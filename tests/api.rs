@@ -153,15 +153,6 @@ fn exp_in(secs: i64) -> i64 {
     fixed_now() / 1000 + secs
 }
 
-/// A port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// A listener that accepts connections and never answers: a dependency that hangs.
 fn hanging_listener() -> (StdListener, u16) {
     let listener = StdListener::bind("127.0.0.1:0").expect("bind");
@@ -174,65 +165,6 @@ fn clickhouse_at(url: &str) -> ClickHouseArgs {
     ClickHouseArgs {
         url: url.to_owned(),
         ..common::clickhouse_args("topk")
-    }
-}
-
-/// A private `redis-server` on a free port, killed on drop.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    fn start() -> Self {
-        Self::start_on(closed_port())
-    }
-
-    fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let redis = PrivateRedis {
-            child,
-            port,
-            _dir: dir,
-        };
-        for _ in 0..100 {
-            let ping = Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "PING"])
-                .output()
-                .expect("redis-cli");
-            if String::from_utf8_lossy(&ping.stdout).trim() == "PONG" {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("private redis-server did not start");
-    }
-
-    fn args(&self) -> RedisArgs {
-        RedisArgs {
-            url: format!("redis://127.0.0.1:{}", self.port),
-            ..common::redis_args()
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -402,7 +334,7 @@ async fn bad_input_gets_a_json_reason() {
 async fn redis_down_answers_from_clickhouse() {
     let (clickhouse, now, window, plays) = seeded(3).await;
     let expected = oracle(&plays, window, 10);
-    let mut private = PrivateRedis::start();
+    let mut private = common::private_redis::PrivateRedis::start();
     let app = state(&private.args(), &clickhouse, now, settings(), None);
 
     let (_, _, first) = get(&app, "/v1/users/2/top-songs", None).await;
@@ -433,7 +365,7 @@ async fn redis_down_answers_from_clickhouse() {
     // server again. The pool may still be in its reconnect back-off for the first request (which
     // then answers from ClickHouse); within a few requests a miss is written back and read as a
     // hit. Every answer is exact meanwhile.
-    let _restarted = PrivateRedis::start_on(private.port);
+    let _restarted = common::private_redis::PrivateRedis::start_on(private.port);
     let mut sources = Vec::new();
     while sources.last() != Some(&json!("cache")) && sources.len() < 20 {
         let (status, _, body) = get(&app, "/v1/users/2/top-songs", None).await;
@@ -496,7 +428,7 @@ async fn clickhouse_down_serves_stale_then_503() {
     .expect("replace");
 
     for clickhouse_url in [
-        format!("http://127.0.0.1:{}", closed_port()),
+        format!("http://127.0.0.1:{}", common::private_redis::closed_port()),
         format!("http://127.0.0.1:{hanging_ch_port}"),
     ] {
         let clickhouse = clickhouse_at(&clickhouse_url);
@@ -534,7 +466,7 @@ async fn clickhouse_down_serves_stale_then_503() {
 
         // Redis gone as well (unreachable, or hanging): nothing to answer with.
         for redis_url in [
-            format!("redis://127.0.0.1:{}", closed_port()),
+            format!("redis://127.0.0.1:{}", common::private_redis::closed_port()),
             format!("redis://127.0.0.1:{hanging_redis_port}"),
         ] {
             let down = RedisArgs {

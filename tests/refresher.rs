@@ -730,34 +730,10 @@ async fn a_failing_clickhouse_delays_answers_but_loses_none() {
 /// server, because flushing scripts is not something to do to a shared one.
 #[tokio::test]
 async fn a_chunk_survives_a_script_flush() {
-    let port: u16 = 31_000 + (std::process::id() % 2_000) as u16;
-    let mut server = std::process::Command::new("redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-    let args = RedisArgs {
-        url: format!("redis://127.0.0.1:{port}"),
-        ..common::redis_args()
-    };
+    let server = common::private_redis::PrivateRedis::start();
+    let args = server.args();
     let redis = Redis::connect(&args).expect("redis");
-    let mut conn = None;
-    for _ in 0..100 {
-        if let Ok(c) = redis.get().await {
-            conn = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut conn = conn.expect("the private redis-server answers");
+    let mut conn = redis.get().await.expect("the private redis-server answers");
     let target = target(&args.prefix, 60_000);
     let window = Window::at(common::workload::now_ms());
     let ranked = songs(&[(1, 2)]);
@@ -780,6 +756,5 @@ async fn a_chunk_survives_a_script_flush() {
         let read = redis.read_top(&args.prefix, user, 10).await.expect("read");
         assert_eq!(read.map(|a| a.songs), Some(ranked.clone()));
     }
-    server.kill().expect("stop the private redis-server");
-    let _ = server.wait();
+    drop(server);
 }

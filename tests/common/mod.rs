@@ -12,6 +12,7 @@ use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
 /// A name nobody else uses: `<prefix>_<random>`.
 pub mod plays;
+pub mod private_redis;
 pub mod workload;
 
 pub fn unique(prefix: &str) -> String {
