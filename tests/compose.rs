@@ -54,6 +54,8 @@ fn every_role_reads_the_variables_compose_sets() {
         "refresher",
         "warmup",
         "archiver",
+        "s3",
+        "create-bucket",
         "api",
     ] {
         assert!(names.contains(required), "service {required} missing");
@@ -112,6 +114,21 @@ fn every_role_reads_the_variables_compose_sets() {
         .into_iter()
         .collect::<BTreeSet<_>>()
     );
+    // Secrets come from the operator's environment, never from the file itself.
+    for (name, service) in services {
+        let Some(env) = service.get("environment").and_then(|e| e.as_object()) else {
+            continue;
+        };
+        for (variable, value) in env {
+            if variable.contains("SECRET") || variable.contains("PASSWORD") {
+                let value = value.as_str().unwrap_or_default();
+                assert!(
+                    value.starts_with("${") && value.contains(":?"),
+                    "{name}: {variable} must be a required ${{VAR:?…}} interpolation, not {value:?}"
+                );
+            }
+        }
+    }
     // The contract's default ports (DESIGN.md, "Defaults").
     for (service, port) in [
         ("kafka", "9092:9092"),
