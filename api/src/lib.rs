@@ -167,8 +167,6 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("serving: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Everything a handler needs; cheap to clone (axum clones it per request).
