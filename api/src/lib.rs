@@ -91,8 +91,8 @@ pub struct ApiSettings {
     #[arg(long, env = "TOPK_API_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
-    /// Requests being answered at once at most (`/v1/…`, `/widget/…`, `/openapi.json`); one
-    /// more is answered `503` with `Retry-After` at once instead of queueing.
+    /// `/v1/…` requests being answered at once at most; one more is answered `503` with
+    /// `Retry-After` at once instead of queueing.
     #[arg(long, env = "TOPK_API_MAX_IN_FLIGHT", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
@@ -241,21 +241,22 @@ pub fn configured_secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8
 
 /// The routes. Every request runs under the request deadline and is observed (trace span,
 /// latency histogram by route, source and status) and has its URI length checked; the routes
-/// that do work share one bound of requests in flight (health checks and metrics stay outside
-/// it, so an overloaded server still reports itself alive).
+/// that do work (`/v1/…`: Redis, ClickHouse) share one bound of requests in flight, whose `503`
+/// they document; the static pages, health checks and metrics stay outside it, so an
+/// overloaded server still reports itself alive.
 pub fn router(state: AppState) -> Router {
     let settings = &state.0.settings;
     let bounded = Router::new()
         .route("/v1/users/{user_id}/top-songs", get(top::user_top_songs))
         .route("/v1/me/top-songs", get(top::my_top_songs))
-        .route("/widget/{user_id}", get(widget::page))
-        .route("/openapi.json", get(openapi::document))
         .layer(guard::in_flight_bound(
             settings.max_in_flight,
             settings.retry_after_secs,
         ));
     Router::new()
         .merge(bounded)
+        .route("/widget/{user_id}", get(widget::page))
+        .route("/openapi.json", get(openapi::document))
         .route("/healthz", get(top::healthz))
         .route("/readyz", get(top::readyz))
         .route("/metrics", get(observe::metrics))
