@@ -495,10 +495,12 @@ async fn abusive_clients_get_clean_refusals_and_the_server_stays_up_and_bounded(
 }
 
 /// The in-flight bound, deterministically: with ClickHouse hanging (a listener that accepts
-/// and never answers), two uncached reads hold the two slots of `--max-in-flight 2` (the hung
-/// listener has accepted both of their queries, so both are in flight); a third read is shed
-/// at once with `503`, `Retry-After` and a JSON reason; health checks stay outside the bound;
-/// the two held reads end at the olap deadline with their own 503.
+/// and never answers), two uncached reads hold the two slots of `--max-in-flight 2`. Each read
+/// runs two queries side by side (the clean-days lookup and the rows query, `src/query.rs`), so
+/// once the hung listener has accepted four connections both reads are in flight. A third read
+/// is then shed at once with `503`, `Retry-After` and a JSON reason; health checks stay outside
+/// the bound; the two held reads end with their own 503 once the hung connections close. The
+/// request deadline is raised so the held reads cannot time out and free a slot early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_in_flight_bound_are_shed_with_503() {
     let hanging = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -511,7 +513,7 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_503() {
         &clickhouse,
         &prefix,
         2,
-        &["--olap-timeout", "30s"],
+        &["--olap-timeout", "30s", "--request-timeout", "50s"],
         "api_shed",
     )
     .await;
@@ -526,13 +528,14 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_503() {
             })
         })
         .collect();
-    // Both queries reached ClickHouse: both requests are in flight.
+    // All four queries reached ClickHouse: both requests are in flight.
     let accepted = tokio::task::spawn_blocking(move || {
-        let first = hanging.accept().expect("accept").0;
-        let second = hanging.accept().expect("accept").0;
-        (first, second, hanging)
+        let held: Vec<_> = (0..4)
+            .map(|_| hanging.accept().expect("accept").0)
+            .collect();
+        (held, hanging)
     });
-    let (first, second, _hanging) = tokio::time::timeout(CLIENT_DEADLINE, accepted)
+    let (hung, _hanging) = tokio::time::timeout(CLIENT_DEADLINE, accepted)
         .await
         .expect("both reads reach ClickHouse")
         .expect("joined");
@@ -549,7 +552,7 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_503() {
     api.assert_alive();
 
     // Closing the hung connections makes the held reads fail over to their own 503.
-    drop((first, second));
+    drop(hung);
     for task in held {
         let reply = task.await.expect("held task");
         reply.assert_clean_refusal(503, "unavailable");
