@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use axum::body::Body;

@@ -12,12 +12,15 @@
 //! - [`openapi`]: the OpenAPI document served at `/openapi.json`, generated from the handlers;
 //! - [`widget`]: the embeddable HTML page;
 //! - [`observe`]: per-request tracing, the latency histogram and the counters;
-//! - [`router`] and [`run`]: the routes, the request deadline, graceful shutdown with a drain
+//! - [`guard`]: the bounds against abusive clients (URI length, requests in flight);
+//! - [`router`], [`serve`] and [`run`]: the routes, the request deadline, the accept loop with
+//!   its bounds (connections, header read timeout, head size), graceful shutdown with a drain
 //!   timeout.
 
 pub mod auth;
 pub mod conn;
 pub mod error;
+pub mod guard;
 pub mod observe;
 pub mod openapi;
 pub mod top;
@@ -30,7 +33,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use topk::cache::Redis;
 use topk::clock::SharedClock;
@@ -74,6 +81,32 @@ pub struct ApiSettings {
     /// `Retry-After` (seconds) of a `503`.
     #[arg(long, env = "TOPK_API_RETRY_AFTER", default_value_t = 5)]
     pub retry_after_secs: u32,
+    /// A connection must deliver a request's whole head (request line and headers) within this
+    /// long after it opens or after its previous response, or it is closed (slowloris, idle
+    /// connections).
+    #[arg(long, env = "TOPK_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Open connections at most; past it new connections wait in the listen backlog (not
+    /// accepted, so they cost no memory of the process) until one closes.
+    #[arg(long, env = "TOPK_API_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// `/v1/…` requests being answered at once at most; one more is answered `503` with
+    /// `Retry-After` at once instead of queueing.
+    #[arg(long, env = "TOPK_API_MAX_IN_FLIGHT", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Size bound (bytes) of a request's head, request line and headers together; past it the
+    /// connection is answered `431` and closed before the request is parsed further (at least
+    /// 8 KiB: the smallest read buffer the HTTP parser allows).
+    #[arg(long, env = "TOPK_API_MAX_HEADER_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+    /// Length bound (bytes) of a request's path and query; past it the answer is `400` with a
+    /// JSON reason (a real request is under 100 bytes).
+    #[arg(long, env = "TOPK_API_MAX_URI_BYTES", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(64..))]
+    pub max_uri_bytes: u32,
 }
 
 impl Default for ApiSettings {
@@ -86,6 +119,11 @@ impl Default for ApiSettings {
             key_ttl: Duration::from_secs(8 * 24 * 3600),
             tombstone_ttl: Duration::from_secs(15 * 60),
             retry_after_secs: 5,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_in_flight: 256,
+            max_header_bytes: 16 * 1024,
+            max_uri_bytes: 2048,
         }
     }
 }
@@ -129,8 +167,6 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("serving: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Everything a handler needs; cheap to clone (axum clones it per request).
@@ -204,17 +240,31 @@ pub fn configured_secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8
 }
 
 /// The routes. Every request runs under the request deadline and is observed (trace span,
-/// latency histogram by route, source and status).
+/// latency histogram by route, source and status) and has its URI length checked; the routes
+/// that do work (`/v1/…`: Redis, ClickHouse) share one bound of requests in flight, whose `503`
+/// they document; the static pages, health checks and metrics stay outside it, so an
+/// overloaded server still reports itself alive.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let settings = &state.0.settings;
+    let bounded = Router::new()
         .route("/v1/users/{user_id}/top-songs", get(top::user_top_songs))
         .route("/v1/me/top-songs", get(top::my_top_songs))
+        .layer(guard::in_flight_bound(
+            settings.max_in_flight,
+            settings.retry_after_secs,
+        ));
+    Router::new()
+        .merge(bounded)
         .route("/widget/{user_id}", get(widget::page))
+        .route("/openapi.json", get(openapi::document))
         .route("/healthz", get(top::healthz))
         .route("/readyz", get(top::readyz))
         .route("/metrics", get(observe::metrics))
-        .route("/openapi.json", get(openapi::document))
         .fallback(|| async { AppError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::uri_length,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe::observe,
@@ -224,21 +274,71 @@ pub fn router(state: AppState) -> Router {
 
 /// Serves `router(state)` on `listener` until `shutdown`, then lets in-flight requests finish
 /// for at most `drain_timeout`.
+///
+/// The accept loop is hyper's HTTP/1 connection builder under axum's router (`axum::serve` has
+/// no header read timeout nor head size bound):
+/// - at most `--max-connections` connections are open; the loop accepts the next one only when
+///   one closes, so a flood waits in the kernel's listen backlog, not in this process's memory;
+/// - a connection must send a whole request head within `--header-read-timeout` (from its
+///   opening and after each response) or it is closed: slow or idle clients cannot hold the
+///   connection slots;
+/// - a head over `--max-header-bytes` is answered `431` and the connection closed (hyper's
+///   own answer, before any handler runs), so each connection buffers a bounded head.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
     drain_timeout: Duration,
 ) -> Result<(), ServeError> {
-    let app = router(state);
-    let stop = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+    let settings = state.0.settings.clone();
+    let app = TowerToHyperService::new(router(state));
+    let head_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_header_size(head_bytes)
+        // The read buffer holds one head (a GET has no body to buffer); 8 KiB is hyper's floor.
+        .max_buf_size(head_bytes.max(8192));
+    let slots = Arc::new(Semaphore::new(
+        usize::try_from(settings.max_connections).unwrap_or(usize::MAX),
+    ));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Per-connection errors (aborted handshakes) and resource exhaustion
+                    // (EMFILE) alike: the server stays up and tries again shortly.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // Answers are small and written at once: no Nagle delay.
+        let _ = stream.set_nodelay(true);
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), app.clone()));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                // Header timeouts, oversized heads, clients that went away: the client's doing.
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
     tokio::select! {
-        result = server => result.map_err(ServeError::Serve),
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(drain_timeout).await;
-        } => {
+        () = graceful.shutdown() => Ok(()),
+        () = tokio::time::sleep(drain_timeout) => {
             tracing::warn!(?drain_timeout, "drain timeout: dropping the requests still in flight");
             Ok(())
         }

@@ -7,7 +7,9 @@
 //! - `topk_api_fallback_total{reason=cache_miss|redis_down}`: answers computed by ClickHouse;
 //! - `topk_api_stale_total`: cached answers served stale because ClickHouse failed;
 //! - `topk_api_dependency_errors_total{dependency=redis|clickhouse, op}`;
-//! - `topk_api_write_back_total{outcome=written|emptied|refused}`.
+//! - `topk_api_write_back_total{outcome=written|emptied|refused}`;
+//! - `topk_api_shed_total`: requests answered `503` at once over `--max-in-flight`
+//!   (counted in [`crate::guard`]).
 //!
 //! Every request runs in a `request` span (method, route) under the request deadline.
 
