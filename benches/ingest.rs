@@ -132,7 +132,8 @@ async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> Rates {
             .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
         database: unique("topk_bench"),
         user: "default".into(),
-        password: String::new(),
+        password_file: None,
+        password_env: None,
     };
     topk::migrate::run(&clickhouse).await.expect("migrate");
     let args = {

@@ -65,15 +65,64 @@ pub struct ClickHouseArgs {
         default_value = "default"
     )]
     pub user: String,
-    /// ClickHouse password (prefer the environment variable over the flag).
+    /// File holding the ClickHouse password (trailing newline ignored); without it the password
+    /// is the `TOPK_CLICKHOUSE_PASSWORD` environment variable, or empty. Never a flag value:
+    /// flags are visible in the process list.
     #[arg(
-        id = "clickhouse_password",
-        long = "clickhouse-password",
-        env = "TOPK_CLICKHOUSE_PASSWORD",
-        default_value = "",
-        hide_env_values = true
+        id = "clickhouse_password_file",
+        long = "clickhouse-password-file",
+        env = "TOPK_CLICKHOUSE_PASSWORD_FILE",
+        value_parser = Secret::from_file
     )]
-    pub password: String,
+    pub password_file: Option<Secret>,
+    /// `TOPK_CLICKHOUSE_PASSWORD`, read when the arguments are parsed.
+    #[arg(skip = Secret::from_env("TOPK_CLICKHOUSE_PASSWORD"))]
+    pub password_env: Option<Secret>,
+}
+
+impl ClickHouseArgs {
+    /// The password: from the file, else from the environment, else empty.
+    pub fn password(&self) -> &str {
+        self.password_file
+            .as_ref()
+            .or(self.password_env.as_ref())
+            .map_or("", Secret::expose)
+    }
+}
+
+/// A credential, only ever read from a file or the environment. `Debug` never shows it, so a
+/// logged configuration cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret in the file at `path`, trailing whitespace (the editor's newline) removed.
+    pub fn from_file(path: &str) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        Ok(Secret(text.trim_end().to_owned()))
+    }
+
+    /// The environment variable `name`, if set and not empty.
+    pub fn from_env(name: &str) -> Option<Self> {
+        std::env::var(name)
+            .ok()
+            .filter(|value| !value.is_empty())
+            .map(Secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// Redis (standalone or cluster).

@@ -18,7 +18,7 @@ pub fn server_client(args: &ClickHouseArgs) -> Client {
     Client::default()
         .with_url(&args.url)
         .with_user(&args.user)
-        .with_password(&args.password)
+        .with_password(args.password())
         .with_validation(false)
 }
 

@@ -57,10 +57,13 @@ fn new_bucket(endpoint: &str) -> String {
 fn store_flags(url: &str, endpoint: Option<&str>) -> Vec<String> {
     let mut flags = vec![format!("--archive-url={url}")];
     if let Some(endpoint) = endpoint {
+        // Secrets come from a file (or the environment), never from a flag value.
+        let secret = std::env::temp_dir().join(format!("topk-test-s3-{}", std::process::id()));
+        std::fs::write(&secret, "topk-test\n").expect("secret file");
         flags.extend([
             format!("--s3-endpoint={endpoint}"),
             "--s3-access-key-id=topk-test".to_owned(),
-            "--s3-secret-access-key=topk-test".to_owned(),
+            format!("--s3-secret-access-key-file={}", secret.display()),
         ]);
     }
     flags

@@ -85,7 +85,12 @@ fn every_role_reads_the_variables_compose_sets() {
             .as_object()
             .unwrap_or_else(|| panic!("{name}: environment map"));
         for variable in env.keys().filter(|k| k.starts_with("TOPK_")) {
-            if help.contains(&format!("[env: {variable}")) {
+            // A variable is read when it is a flag's (`[env: …]`) or named in a flag's help
+            // (secrets: read from the environment only, never a flag).
+            if help.contains(&format!("[env: {variable}]"))
+                || help.contains(&format!("[env: {variable}="))
+                || help.contains(&format!("`{variable}`"))
+            {
                 read.insert(variable.clone());
             } else if SHARED.iter().any(|prefix| variable.starts_with(prefix)) {
                 // The shared connection block goes to every role; some roles need only part.

@@ -26,7 +26,8 @@ pub fn clickhouse_args(prefix: &str) -> topk::config::ClickHouseArgs {
             .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
         database: unique(prefix),
         user: "default".into(),
-        password: String::new(),
+        password_file: None,
+        password_env: None,
     }
 }
 

@@ -30,7 +30,8 @@ pub fn clickhouse_args(database: &str) -> ClickHouseArgs {
         url: env_or("TOPK_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
         database: database.to_owned(),
         user: "default".to_owned(),
-        password: String::new(),
+        password_file: None,
+        password_env: None,
     }
 }
 

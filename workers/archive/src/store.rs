@@ -11,6 +11,8 @@ use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
+use topk::config::Secret;
+
 use crate::layout::{self, ObjectName};
 
 /// Where the archive lives.
@@ -42,14 +44,19 @@ pub struct StoreArgs {
         env = "TOPK_S3_ACCESS_KEY_ID"
     )]
     pub s3_access_key_id: Option<String>,
-    /// S3 secret access key (prefer the environment variable over the flag).
+    /// File holding the S3 secret access key; without it the key is the
+    /// `TOPK_S3_SECRET_ACCESS_KEY` environment variable (otherwise the usual AWS credential
+    /// sources). Never a flag value: flags are visible in the process list.
     #[arg(
-        id = "s3_secret_access_key",
-        long = "s3-secret-access-key",
-        env = "TOPK_S3_SECRET_ACCESS_KEY",
-        hide_env_values = true
+        id = "s3_secret_access_key_file",
+        long = "s3-secret-access-key-file",
+        env = "TOPK_S3_SECRET_ACCESS_KEY_FILE",
+        value_parser = Secret::from_file
     )]
-    pub s3_secret_access_key: Option<String>,
+    pub s3_secret_access_key_file: Option<Secret>,
+    /// `TOPK_S3_SECRET_ACCESS_KEY`, read when the arguments are parsed.
+    #[arg(skip = Secret::from_env("TOPK_S3_SECRET_ACCESS_KEY"))]
+    pub s3_secret_access_key_env: Option<Secret>,
 }
 
 impl StoreArgs {
@@ -60,7 +67,8 @@ impl StoreArgs {
             s3_endpoint: None,
             s3_region: "us-east-1".to_owned(),
             s3_access_key_id: None,
-            s3_secret_access_key: None,
+            s3_secret_access_key_file: None,
+            s3_secret_access_key_env: None,
         }
     }
 }
@@ -104,8 +112,12 @@ pub fn open(args: &StoreArgs) -> Result<Arc<dyn ObjectStore>, StoreError> {
         if let Some(key) = &args.s3_access_key_id {
             builder = builder.with_access_key_id(key);
         }
-        if let Some(secret) = &args.s3_secret_access_key {
-            builder = builder.with_secret_access_key(secret);
+        if let Some(secret) = args
+            .s3_secret_access_key_file
+            .as_ref()
+            .or(args.s3_secret_access_key_env.as_ref())
+        {
+            builder = builder.with_secret_access_key(secret.expose());
         }
         let s3: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
         let prefix = prefix.trim_matches('/');
