@@ -53,7 +53,7 @@ fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
-fn limit_of(
+pub fn limit_of(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<usize, AppError> {
     let Query(params) = query.map_err(|_| {
