@@ -20,6 +20,9 @@ use time::format_description::well_known::Rfc3339;
 pub const MAX_EVENT_ID_BYTES: usize = 128;
 /// How far past its Kafka timestamp an event's own timestamp may lie.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
+/// Last millisecond whose minute fits the u32 seconds of [`PlayEvent::minute`] (and of
+/// ClickHouse's `DateTime`): 2106-02-07T06:28:15.999Z.
+pub const LAST_BUCKETABLE_MS: i64 = u32::MAX as i64 * 1000 + 999;
 /// One minute in milliseconds.
 pub const MINUTE_MS: i64 = 60_000;
 /// The window: 10,080 one-minute buckets (7 days).
@@ -146,7 +149,16 @@ enum WireTimestamp<'a> {
 impl Validator {
     /// Validates `payload`, produced at `produced_at_ms` (the Kafka message timestamp).
     pub fn validate(&self, payload: &[u8], produced_at_ms: i64) -> Result<PlayEvent, Rejection> {
-        let event = match serde_json::from_slice::<WireEvent<'_>>(payload) {
+        // The contract is a JSON object: serde's derived struct would also read an array of the
+        // four fields. And the whole value must be UTF-8: serde_json skips an unknown field's
+        // string without checking it. (Both found by the `event` fuzz target.)
+        if payload.trim_ascii_start().first() != Some(&b'{') {
+            return Err(Rejection::InvalidJson);
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return Err(Rejection::InvalidJson);
+        };
+        let event = match serde_json::from_str::<WireEvent<'_>>(text) {
             Ok(wire) => {
                 let timestamp_ms = match wire.timestamp {
                     WireTimestamp::Millis(ms) => ms,
@@ -172,6 +184,11 @@ impl Validator {
         }
         if event.timestamp_ms < produced_at_ms.saturating_sub(self.retention_ms) {
             return Err(Rejection::TooOld);
+        }
+        // A minute is u32 seconds (as ClickHouse's `DateTime`): past 2106-02-07 it would wrap to
+        // 1970. Only reachable when the message's Kafka timestamp is that late too.
+        if event.timestamp_ms > LAST_BUCKETABLE_MS {
+            return Err(Rejection::BadTimestamp);
         }
         Ok(event)
     }

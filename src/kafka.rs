@@ -48,6 +48,11 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaClientError> {
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
         .set("max.in.flight.requests.per.connection", "1")
+        // Above librdkafka's 1,000,000-byte default: a dead letter is its message plus headers,
+        // and Kafka's default topic limit (1,048,588) lets messages into `plays` that the
+        // default would refuse to re-send. The broker's own limit still applies (see the
+        // aggregator's dead-letter fallback).
+        .set("message.max.bytes", "16777216")
         .create()
         .map_err(KafkaClientError::Create)
 }

@@ -22,18 +22,16 @@ const DEFAULT_PRODUCED_AT_MS: i64 = 1_764_432_000_123;
 /// ClickHouse's `DateTime`): 2106-02-07T06:28:15.999Z.
 const LAST_BUCKETABLE_MS: i64 = u32::MAX as i64 * 1000 + 999;
 
-/// Known bug (found by this target): serde derives accept a JSON array for a struct, so the
-/// validator accepts `["a",42,7,1764432000123]` as a play although the contract is a JSON object
-/// (reproduced by the ignored test `a_json_array_is_not_a_play` in tests/malformed_corpus.rs).
-/// Set to `true` once `Validator::validate` refuses anything but an object.
-const REFUSES_ARRAYS: bool = false;
+/// Found by this target and fixed: serde derives accept a JSON array for a struct, so the
+/// validator accepted `["a",42,7,1764432000123]` as a play (regression test
+/// `a_json_array_is_not_a_play` in tests/malformed_corpus.rs).
+const REFUSES_ARRAYS: bool = true;
 
-/// Known bug: the minute of an event past 2106 does not fit the u32 seconds of
-/// `PlayEvent::minute`, which then answers 0 (1970), and the validator accepts such an event
-/// when the message's Kafka timestamp (set by the producer: CreateTime) is past 2106 too
-/// (reproduced by the ignored test `an_event_past_2106_is_not_bucketed_in_1970`). Until
-/// `validate` refuses it, the fuzzer keeps Kafka timestamps below that point.
-const REFUSES_UNBUCKETABLE: bool = false;
+/// Found by this target and fixed: the minute of an event past 2106 does not fit the u32
+/// seconds of `PlayEvent::minute`, which answered 0 (1970), and the validator accepted such an
+/// event when the message's Kafka timestamp (set by the producer) was past 2106 too (regression
+/// test `an_event_past_2106_is_not_bucketed_in_1970`). Kafka timestamps now range freely.
+const REFUSES_UNBUCKETABLE: bool = true;
 
 fuzz_target!(|data: &[u8]| {
     let (produced_at_ms, payload) = match data.split_first_chunk::<8>() {
@@ -86,10 +84,11 @@ fn check_accepted(validator: &Validator, payload: &[u8], produced_at_ms: i64, ev
 
     // An independent reading of the same bytes agrees on every field: the payload is a JSON
     // object whose four fields, each read as a JSON value, are what the validator returned.
-    // Unknown fields are skipped as the validator skips them. Known gap (found by this target):
+    // Unknown fields are skipped as the validator skips them. Found by this target and fixed:
     // serde_json skips unknown fields without checking the UTF-8 of their strings, so a value
-    // with invalid UTF-8 inside an unknown field is accepted although it is not JSON (seed
-    // `accepted_non_utf8_in_unknown_field`).
+    // with invalid UTF-8 inside an unknown field was accepted although it is not JSON (seed
+    // `accepted_non_utf8_in_unknown_field`); an accepted payload is now always UTF-8.
+    assert!(std::str::from_utf8(payload).is_ok(), "accepted a payload that is not UTF-8");
     if REFUSES_ARRAYS {
         assert_eq!(
             payload.trim_ascii_start().first(),

@@ -19,6 +19,16 @@ pub fn duplicate(partition: i32, offset: u64) {
     counter!("topk_aggregator_duplicates_total").increment(1);
 }
 
+/// A dead letter refused by the broker even with its payload cut (see `Worker::write`).
+pub fn dead_letter_dropped(partition: i32, offset: u64) {
+    tracing::error!(
+        partition,
+        offset,
+        "dead letter refused as too large even when cut; the message stays in the source topic"
+    );
+    counter!("topk_aggregator_dead_letters_dropped_total").increment(1);
+}
+
 pub fn dead_letter(partition: i32, offset: u64, reason: Rejection) {
     tracing::debug!(partition, offset, %reason, "event sent to the dead-letter topic");
     counter!("topk_aggregator_dead_letters_total", "reason" => reason.as_str()).increment(1);

@@ -14,8 +14,9 @@ use futures::future::join_all;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
@@ -26,10 +27,13 @@ use tokio_util::sync::CancellationToken;
 use topk::event::Validator;
 
 use crate::AggregatorArgs;
-use crate::batch::Batch;
+use crate::batch::{Batch, DeadLetter};
 use crate::events;
 use crate::partition::{Message, Outcome, PartitionState};
 use crate::store::Store;
+
+/// Payload bytes kept in a dead letter the broker refused as too large (see `write`).
+const DEAD_LETTER_MAX_PAYLOAD: usize = 64 * 1024;
 
 /// Errors that stop the aggregator.
 #[derive(Debug, thiserror::Error)]
@@ -241,43 +245,105 @@ impl Worker {
             .write_user_touches(&batches)
             .await
             .map_err(FlushError::Touches)?;
-        let deliveries = batches.iter().flat_map(|batch| {
-            batch.dead_letters.iter().map(move |letter| {
-                let partition = batch.partition.to_string();
-                let offset = letter.offset.to_string();
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "reason",
-                        value: Some(letter.reason.as_str()),
-                    })
-                    .insert(Header {
-                        key: "source_topic",
-                        value: Some(self.topic.as_str()),
-                    })
-                    .insert(Header {
-                        key: "source_partition",
-                        value: Some(partition.as_str()),
-                    })
-                    .insert(Header {
-                        key: "source_offset",
-                        value: Some(offset.as_str()),
-                    });
-                let mut record = FutureRecord::<[u8], [u8]>::to(&self.dlq_topic).headers(headers);
-                if let Some(key) = &letter.key {
-                    record = record.key(key.as_slice());
-                }
-                if let Some(payload) = &letter.payload {
-                    record = record.payload(payload.as_slice());
-                }
-                self.producer.send(record, Duration::from_secs(30))
+        let letters: Vec<(i32, &DeadLetter)> = batches
+            .iter()
+            .flat_map(|batch| batch.dead_letters.iter().map(|l| (batch.partition, l)))
+            .collect();
+        let results = join_all(
+            letters
+                .iter()
+                .map(|(partition, letter)| self.send_dead_letter(*partition, letter, None)),
+        )
+        .await;
+        // A dead letter is its message plus four headers: a message the broker took into
+        // `plays` just under its size limit can be refused from `<topic>.dlq`. Resent with its
+        // payload cut to `DEAD_LETTER_MAX_PAYLOAD` bytes and its full size in a header, so that
+        // the partition moves on; the full message stays in `plays` (and in the archive).
+        let too_large: Vec<(i32, &DeadLetter)> = letters
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| {
+                matches!(
+                    result,
+                    Err((
+                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                        _
+                    ))
+                )
             })
+            .map(|(letter, _)| *letter)
+            .collect();
+        let retries = too_large.iter().map(|(partition, letter)| {
+            self.send_dead_letter(*partition, letter, Some(DEAD_LETTER_MAX_PAYLOAD))
         });
-        let results = join_all(deliveries).await;
+        let retried = join_all(retries).await;
         let dead_letters = results.len();
         for result in results {
-            result.map_err(|(error, _)| FlushError::DeadLetters(error))?;
+            match result {
+                Ok(_)
+                | Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                }
+                Err((error, _)) => return Err(FlushError::DeadLetters(error)),
+            }
+        }
+        for ((partition, letter), result) in too_large.iter().zip(retried) {
+            match result {
+                Ok(_) => {}
+                // Even the cut letter is refused (a broker limit under 64 KiB): the partition
+                // must not stall for it; the message stays in `plays` and the archive.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    events::dead_letter_dropped(*partition, letter.offset);
+                }
+                Err((error, _)) => return Err(FlushError::DeadLetters(error)),
+            }
         }
         Ok((rows, dead_letters))
+    }
+
+    /// Sends one dead letter: its key and payload (cut to `cut_to` bytes, with the original
+    /// size in a `truncated_from_bytes` header, when given) and where it came from.
+    async fn send_dead_letter(
+        &self,
+        partition: i32,
+        letter: &DeadLetter,
+        cut_to: Option<usize>,
+    ) -> OwnedDeliveryResult {
+        let partition = partition.to_string();
+        let offset = letter.offset.to_string();
+        let payload = letter.payload.as_deref();
+        let original_len = payload.map_or(0, <[u8]>::len).to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "reason",
+                value: Some(letter.reason.as_str()),
+            })
+            .insert(Header {
+                key: "source_topic",
+                value: Some(self.topic.as_str()),
+            })
+            .insert(Header {
+                key: "source_partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "source_offset",
+                value: Some(offset.as_str()),
+            });
+        if cut_to.is_some() {
+            headers = headers.insert(Header {
+                key: "truncated_from_bytes",
+                value: Some(original_len.as_str()),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.dlq_topic).headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = payload {
+            let len = cut_to.map_or(payload.len(), |cut| cut.min(payload.len()));
+            record = record.payload(&payload[..len]);
+        }
+        self.producer.send(record, Duration::from_secs(30)).await
     }
 
     fn commit<C: Consumer<Worker>>(&self, consumer: &C, taken: &[(i32, Vec<Batch>)]) {
