@@ -11,7 +11,7 @@
 //!   a phase in which ClickHouse was down (alone or with Redis);
 //! - no role exited on its own.
 //!
-//! `TOPK_TEST_SCALE=10` (or `scripts/chaos`) runs the full storm: 10× the kills and three rounds of
+//! `TOPK_TEST_SCALE=10` (or `scripts/chaos`) runs the full storm: 100 aggregator kills instead of 20, three rounds of
 //! every disruption, at a higher rate.
 
 mod common;
@@ -518,7 +518,8 @@ fn ranked_truth(truth: &BTreeMap<(u64, u64), u64>) -> BTreeMap<u64, Vec<topk::wi
 async fn storm_loses_nothing_and_serves_only_honest_503s() {
     let scale = scale();
     let full = scale > 1;
-    let kills = 20 * scale;
+    // Each kill waits for the worker to hold partitions (a rebalance, ~3-6 s) first.
+    let kills = if full { 100 } else { 20 };
     let rounds = if full { 3 } else { 1 };
     let (rate, users, songs) = if full {
         (400, 3_000, 2_000)
@@ -622,7 +623,19 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     let killer = async {
         let mut rng: StdRng = rand::SeedableRng::seed_from_u64(killer_seed);
         for round in 0..kills {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(800..3_500))).await;
+            // A kill before the group has assigned the new worker its partitions only prolongs
+            // the rebalance (the dead member holds them for the session timeout): wait until the
+            // worker processes (or at most 20 s, e.g. while ClickHouse is down), then kill it
+            // at a random moment of its work.
+            let working = Instant::now();
+            while working.elapsed() < Duration::from_secs(20)
+                && !std::fs::read_to_string(aggregator.current_log())
+                    .unwrap_or_default()
+                    .contains("partition resumed")
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_500))).await;
             aggregator.kill_9().await;
             if round % 2 == 0 {
                 aggregator.start_with(&["--test-pause-before-commit=500ms"]);
@@ -843,22 +856,53 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     let phase_list: Vec<String> = phases
         .iter()
         .map(|p| {
+            let overlapping = |status: u16| {
+                samples
+                    .iter()
+                    .filter(|s| s.status == status && s.started <= p.ended && p.started <= s.ended)
+                    .count()
+            };
             format!(
-                "{} {:?}..{:?}",
+                "{} {:?}..{:?}: {} × 200, {} × 503",
                 p.name,
                 p.started.duration_since(test_started),
-                p.ended.duration_since(test_started)
+                p.ended.duration_since(test_started),
+                overlapping(200),
+                overlapping(503)
             )
         })
         .collect();
+    // How many resumes replayed recorded intents (a kill between a flush's writes and its
+    // commit), and how often loadgen re-sent after a failed delivery.
+    let log_lines = |needle: &str| -> Vec<String> {
+        std::fs::read_dir(&logs)
+            .expect("logs")
+            .filter_map(Result::ok)
+            .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .map(strip_ansi)
+                    .filter(|line| line.contains(needle))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let resumes = log_lines("partition resumed");
+    let replays = resumes
+        .iter()
+        .filter(|line| !line.contains("replay_intents=0"))
+        .count();
+    let resends = log_lines("delivery failed; re-sending").len();
     eprintln!(
         "chaos: {} plays ({} duplicates, {} malformed), {} aggregator starts, {} refresher starts, \
+         {} partition resumes ({replays} replaying intents), {resends} loadgen re-send rounds, \
          {} API requests by status {by_status:?}; storm {:?}, drained {:?} later; phases {phase_list:#?}",
         truth.plays,
         truth.duplicates,
         truth.malformed,
         aggregator.starts,
         refresher.starts,
+        resumes.len(),
         samples.len(),
         storm_ended.duration_since(test_started),
         drained.duration_since(storm_ended),
