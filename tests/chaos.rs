@@ -528,6 +528,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     };
     let mut rng = common::workload::rng("chaos");
     let test_started = Instant::now();
+    let test_wall = time::OffsetDateTime::now_utc().time();
 
     let stack = PrivateStack::start().await;
     let logs = stack.logs();
@@ -556,6 +557,17 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         &exits,
     );
     serve.start();
+    // The poller's first request must not race the API's start.
+    let listening = Instant::now();
+    while !matches!(http_get(api_port, "/healthz").await, Ok((200, _, _))) {
+        serve.check();
+        assert!(
+            serve.child.is_some() && listening.elapsed() < Duration::from_secs(60),
+            "the API did not start; log {:?}",
+            serve.current_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut refresher = Role::new(
         "refresh",
         [
@@ -909,9 +921,10 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     );
     assert!(
         bad.is_empty(),
-        "{} bad API answers:\n{}",
+        "{} bad API answers (times since the start, {test_wall} UTC):\n{}\nphases:\n{}",
         bad.len(),
-        bad.join("\n")
+        bad.join("\n"),
+        phase_list.join("\n")
     );
     assert!(
         by_status.get(&200).copied().unwrap_or(0) > samples.len() / 2,
