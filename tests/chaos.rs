@@ -429,26 +429,24 @@ async fn phase<F: std::future::Future<Output = ()>>(
 
 // ---------------------------------------------------------------- checks
 
-/// Committed offset of `GROUP` and high watermark of every partition.
-fn progress(brokers: &str) -> Vec<(i64, i64)> {
+/// Committed offset of `GROUP` and high watermark of every partition. A busy tansu can take
+/// longer than the request timeouts while the last worker drains the backlog: an error here
+/// only means "not known yet".
+fn progress(brokers: &str) -> Result<Vec<(i64, i64)>, rdkafka::error::KafkaError> {
     let consumer = topk::kafka::consumer(brokers, GROUP).expect("consumer");
     let mut list = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         list.add_partition(TOPIC, p);
     }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
     (0..PARTITIONS)
         .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(TOPIC, p, Duration::from_secs(10))
-                .expect("watermarks");
+            let (_, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10))?;
             let done = match committed.find_partition(TOPIC, p).map(|e| e.offset()) {
                 Some(Offset::Offset(n)) => n,
                 _ => -1,
             };
-            (done, high)
+            Ok((done, high))
         })
         .collect()
 }
@@ -461,7 +459,10 @@ async fn wait_drained(brokers: &str, limit: Duration) {
         let progress = tokio::task::spawn_blocking(move || progress(&brokers_owned))
             .await
             .expect("joins");
-        if progress.iter().all(|&(done, high)| done == high) {
+        if progress
+            .as_ref()
+            .is_ok_and(|p| p.iter().all(|&(done, high)| done == high))
+        {
             return;
         }
         assert!(
@@ -750,7 +751,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     if aggregator.child.is_none() {
         aggregator.start();
     }
-    wait_drained(&stack.brokers(), Duration::from_secs(300)).await;
+    wait_drained(&stack.brokers(), Duration::from_secs(600)).await;
     let drained = Instant::now();
     aggregator.terminate().await;
 
