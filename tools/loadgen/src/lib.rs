@@ -112,6 +112,48 @@ pub struct Sent {
     pub malformed: u64,
 }
 
+/// Rounds of re-sending the messages of a tick that failed, one second apart.
+const SEND_ATTEMPTS: u32 = 30;
+
+/// Produces `messages` until each one is delivered. A broker that restarts fails the requests
+/// in flight with errors librdkafka does not retry (tansu answers `UNKNOWN_SERVER_ERROR` while
+/// it shuts down); giving up would end the run and lose its truth. A failed message is re-sent
+/// as is: if the broker had stored it after all, the copy has the same `event_id` and key (so
+/// the same partition) and the aggregator drops it as a duplicate, so the truth stays exact.
+async fn send_all(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    mut messages: Vec<(String, String)>,
+) -> Result<(), LoadgenError> {
+    for attempt in 1..=SEND_ATTEMPTS {
+        let sends = messages.iter().map(|(key, value)| {
+            producer.send(
+                FutureRecord::to(topic).key(key).payload(value),
+                Duration::from_secs(30),
+            )
+        });
+        let results = join_all(sends).await;
+        let mut failed = Vec::new();
+        let mut last_error = None;
+        for (message, result) in messages.into_iter().zip(results) {
+            if let Err((error, _)) = result {
+                failed.push(message);
+                last_error = Some(error);
+            }
+        }
+        match last_error {
+            None => return Ok(()),
+            Some(error) if attempt == SEND_ATTEMPTS => return Err(LoadgenError::Produce(error)),
+            Some(error) => {
+                tracing::warn!(%error, failed = failed.len(), attempt, "delivery failed; re-sending");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        messages = failed;
+    }
+    Ok(())
+}
+
 /// Produces until `duration` elapses or `shutdown` fires.
 pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent, LoadgenError> {
     let producer = topk::kafka::producer(&args.kafka.brokers)?;
@@ -220,15 +262,7 @@ pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent,
                 last_ms = last_ms.max(timestamp);
             }
         }
-        let sends = messages.iter().map(|(key, value)| {
-            producer.send(
-                FutureRecord::to(&args.kafka.topic).key(key).payload(value),
-                Duration::from_secs(30),
-            )
-        });
-        for result in join_all(sends).await {
-            result.map_err(|(error, _)| LoadgenError::Produce(error))?;
-        }
+        send_all(&producer, &args.kafka.topic, messages).await?;
     }
     if let Some(path) = &args.truth {
         let truth = Truth {
