@@ -1,5 +1,6 @@
 //! Tracing (key/value logs to stderr, filtered by `RUST_LOG`) and the Prometheus exporter.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -23,6 +24,9 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or a collector gets plain `key=value` fields
+        // (tests and operators grep them).
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

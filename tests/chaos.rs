@@ -163,7 +163,8 @@ impl PrivateStack {
             url: format!("http://127.0.0.1:{}", self.ch_http_port),
             database: DATABASE.to_owned(),
             user: "default".to_owned(),
-            password: String::new(),
+            password_file: None,
+            password_env: None,
         }
     }
 
