@@ -12,11 +12,7 @@ use topk_devbroker::DevBroker;
 
 /// Multiplies event counts (`TOPK_TEST_SCALE`, default 1).
 fn scale(n: usize) -> usize {
-    let factor: usize = std::env::var("TOPK_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    n * factor.max(1)
+    n * common::scale()
 }
 
 struct Setup {

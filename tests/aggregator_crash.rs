@@ -10,14 +10,6 @@ use common::workload::{self, Mix, Workload};
 use rand::Rng;
 use tokio::process::Child;
 
-fn scale() -> usize {
-    std::env::var("TOPK_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1usize)
-        .max(1)
-}
-
 fn start_worker(
     brokers: &str,
     topic: &str,
@@ -54,9 +46,9 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         bad_rate: 0.03,
     };
 
-    let kills = if scale() > 1 { 30 } else { 12 };
+    let kills = if common::scale() > 1 { 30 } else { 12 };
     for round in 0..kills {
-        let added = load.add(&mut rng, 1_500 * scale(), workload::now_ms(), mix);
+        let added = load.add(&mut rng, 1_500 * common::scale(), workload::now_ms(), mix);
         workload::produce(&brokers, &topic, &load.messages[added]).await;
         // Every other worker sleeps between its writes and its commit, so that most kills of
         // those land inside that window.

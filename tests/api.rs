@@ -428,7 +428,7 @@ async fn clickhouse_down_serves_stale_then_503() {
     .expect("replace");
 
     for clickhouse_url in [
-        format!("http://127.0.0.1:{}", common::private_redis::closed_port()),
+        format!("http://127.0.0.1:{}", common::free_port()),
         format!("http://127.0.0.1:{hanging_ch_port}"),
     ] {
         let clickhouse = clickhouse_at(&clickhouse_url);
@@ -466,7 +466,7 @@ async fn clickhouse_down_serves_stale_then_503() {
 
         // Redis gone as well (unreachable, or hanging): nothing to answer with.
         for redis_url in [
-            format!("redis://127.0.0.1:{}", common::private_redis::closed_port()),
+            format!("redis://127.0.0.1:{}", common::free_port()),
             format!("redis://127.0.0.1:{hanging_redis_port}"),
         ] {
             let down = RedisArgs {

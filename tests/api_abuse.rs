@@ -176,14 +176,6 @@ fn expected_songs() -> Value {
     Value::Array(songs)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// A `topk serve` child process.
 struct Api {
     child: tokio::process::Child,
@@ -199,7 +191,9 @@ impl Api {
         extra: &[&str],
         log: &str,
     ) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .expect("addr");
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("{}.log", common::unique(log))),
         )

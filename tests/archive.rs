@@ -19,14 +19,6 @@ use topk_archive::layout::ObjectName;
 use topk_archive::record::{self, Record};
 use topk_archive::{ArchiveArgs, BackfillArgs, BackfillReport};
 
-fn scale() -> usize {
-    std::env::var("TOPK_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1usize)
-        .max(1)
-}
-
 const MIX: Mix = Mix {
     users: 300,
     songs: 40,
@@ -249,7 +241,7 @@ async fn every_message_archived_exactly_once_across_kill_9() {
     // The dev broker trims a partition beyond 100,000 messages or 5 MB, which would delete
     // messages before a crashed archiver's successor reads them: the full version (450k
     // messages) spreads them over more partitions.
-    let (broker, topic) = common::dev_broker(if scale() > 1 { 32 } else { 4 });
+    let (broker, topic) = common::dev_broker(if common::scale() > 1 { 32 } else { 4 });
     let brokers = broker.bootstrap_servers();
     let dir = tempfile::tempdir().expect("archive dir");
     let store = store_flags(&dir.path().display().to_string(), None);
@@ -257,9 +249,9 @@ async fn every_message_archived_exactly_once_across_kill_9() {
     let mut rng = workload::rng("archive-crash");
     let mut load = Workload::new();
 
-    let kills = if scale() > 1 { 30 } else { 8 };
+    let kills = if common::scale() > 1 { 30 } else { 8 };
     for round in 0..kills {
-        let added = load.add(&mut rng, 1_500 * scale(), workload::now_ms(), MIX);
+        let added = load.add(&mut rng, 1_500 * common::scale(), workload::now_ms(), MIX);
         workload::produce(&brokers, &topic, &load.messages[added]).await;
         // Every other archiver sleeps between its puts and its commit, so that most kills of
         // those land after an upload and before the commit that would have covered it.
@@ -389,7 +381,7 @@ async fn disaster_drill_from_a_local_directory() {
     let mut load = Workload::new();
     load.add(
         &mut workload::rng("drill-local"),
-        6_000 * scale(),
+        6_000 * common::scale(),
         workload::now_ms(),
         MIX,
     );
@@ -446,7 +438,7 @@ async fn disaster_drill_from_the_s3_compatible_server_with_the_cli() {
     let mut load = Workload::new();
     load.add(
         &mut workload::rng("drill-s3"),
-        4_000 * scale(),
+        4_000 * common::scale(),
         workload::now_ms(),
         MIX,
     );

@@ -37,41 +37,13 @@ const PREFIX: &str = "chaos";
 const DATABASE: &str = "chaos";
 const REFRESH_INTERVAL: &str = "2s";
 
-fn scale() -> usize {
-    std::env::var("TOPK_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1usize)
-        .max(1)
-}
-
-/// A port nothing listens on now (the OS picks it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Cargo's package variables would reach the build `scripts/stack` runs and make it rebuild
 /// the binary from scratch (see `common::topk_bin`); the shared stack's `TOPK_…` variables would
 /// point a role at the shared services wherever a flag is missing.
 fn scrub_env(command: &mut tokio::process::Command) {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-            "TOPK_",
-        ]
-        .iter()
-        .any(|prefix| name.starts_with(prefix))
-            || name == "CARGO_PRIMARY_PACKAGE"
-            || name == "CARGO_TARGET_TMPDIR"
-        {
+        if common::is_cargo_package_var(&name) || name.starts_with("TOPK_") {
             command.env_remove(name.as_ref());
         }
     }
@@ -140,10 +112,10 @@ impl PrivateStack {
                     .tempdir()
                     .expect("tempdir"),
             ),
-            redis_port: free_port(),
-            ch_http_port: free_port(),
-            ch_tcp_port: free_port(),
-            kafka_port: free_port(),
+            redis_port: common::free_port(),
+            ch_http_port: common::free_port(),
+            ch_tcp_port: common::free_port(),
+            kafka_port: common::free_port(),
         };
         std::fs::create_dir_all(stack.logs()).expect("log dir");
         stack.run("up", &["redis", "clickhouse", "tansu"]).await;
@@ -496,7 +468,7 @@ fn ranked_truth(truth: &BTreeMap<(u64, u64), u64>) -> BTreeMap<u64, Vec<topk::wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_loses_nothing_and_serves_only_honest_503s() {
-    let scale = scale();
+    let scale = common::scale();
     let full = scale > 1;
     // Each kill waits for the worker to hold partitions (a rebalance, ~3-6 s) first.
     let kills = if full { 60 } else { 20 };
@@ -521,7 +493,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     let exits: Arc<Mutex<Vec<String>>> = Arc::default();
     let phases: Phases = Arc::default();
 
-    let api_port = free_port();
+    let api_port = common::free_port();
     let mut serve = Role::new(
         "serve",
         [

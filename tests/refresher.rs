@@ -22,14 +22,6 @@ use topk::window::{MAX_LIMIT, RankedSong, Window, rank, rfc3339_ms};
 use topk_aggregator::store::Store;
 use topk_refresher::{Refresh, RefreshSettings, Refresher};
 
-/// `TOPK_TEST_SCALE` multiplies the users and plays of the oracle tests (CI runs 1).
-fn scale() -> usize {
-    std::env::var("TOPK_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
-}
-
 fn settings() -> RefreshSettings {
     RefreshSettings {
         batch_size: 50,
@@ -387,7 +379,7 @@ async fn replace_top_is_atomic_for_readers() {
 #[tokio::test]
 async fn refresh_cycles_keep_redis_exact() {
     let env = env(common::redis_args()).await;
-    refresh_oracle(&env, 60 * scale() as u64, 3_000 * scale()).await;
+    refresh_oracle(&env, 60 * common::scale() as u64, 3_000 * common::scale()).await;
     common::drop_database(&env.clickhouse).await;
 }
 
@@ -414,7 +406,7 @@ async fn refresh_cycles_keep_a_redis_cluster_exact() {
         .await
         .expect("ping");
     assert_eq!(pong, "PONG");
-    refresh_oracle(&env, 30 * scale() as u64, 1_500 * scale()).await;
+    refresh_oracle(&env, 30 * common::scale() as u64, 1_500 * common::scale()).await;
     common::drop_database(&env.clickhouse).await;
 }
 
@@ -614,11 +606,11 @@ async fn answers_age_with_the_window_until_no_keys_are_left() {
 async fn warmup_and_racing_refreshers_never_regress() {
     let env = env(common::redis_args()).await;
     let prefix = env.redis_args.prefix.as_str();
-    let users = 40 * scale() as u64;
+    let users = 40 * common::scale() as u64;
     let mut rng = common::workload::rng("warmup");
     let now = common::workload::now_ms();
     let clock = ManualClock::at(now);
-    let mut plays = random_plays(&mut rng, users, 2_000 * scale(), now);
+    let mut plays = random_plays(&mut rng, users, 2_000 * common::scale(), now);
     flush(&env.store, &plays, 0).await;
 
     // Tombstones outlive the test, so that the late warm-up below meets every version.

@@ -15,6 +15,42 @@ pub mod plays;
 pub mod private_redis;
 pub mod workload;
 
+/// `TOPK_TEST_SCALE` (default 1, at least 1): multiplies the work of the tests that read it; CI
+/// runs 1, the full versions 10.
+pub fn scale() -> usize {
+    std::env::var("TOPK_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
+}
+
+/// A port nothing listens on now: the OS picks it, so it is neither in use nor in a range other
+/// tests pick from.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Whether `name` is one of the package variables cargo gives a test process. They must not
+/// reach a `cargo build` (build scripts that declare them `rerun-if-env-changed`, as ring does,
+/// would rebuild from scratch: ~2.5 min on 2 cores) nor a child process that runs one.
+pub fn is_cargo_package_var(name: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+        || name == "CARGO_PRIMARY_PACKAGE"
+        || name == "CARGO_TARGET_TMPDIR"
+}
+
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::rng().random();
     format!("{prefix}_{n:016x}")
@@ -112,22 +148,9 @@ pub fn topk_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
-        // The package variables cargo gives this test process would reach build scripts that
-        // declare them `rerun-if-env-changed` (ring does): the binary would be rebuilt from ring
-        // up on every alternation with a plain `cargo build` (~2.5 min on 2 cores).
         for (name, _) in std::env::vars_os() {
             let name = name.to_string_lossy();
-            if [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-            ]
-            .iter()
-            .any(|prefix| name.starts_with(prefix))
-                || name == "CARGO_PRIMARY_PACKAGE"
-                || name == "CARGO_TARGET_TMPDIR"
-            {
+            if is_cargo_package_var(&name) {
                 build.env_remove(name.as_ref());
             }
         }

@@ -1,21 +1,10 @@
 //! A private `redis-server` for tests that do what must not be done to the shared one (kill it,
 //! flush its scripts, restart it on the same port).
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use topk::config::RedisArgs;
-
-/// A port nothing listens on now: the OS picks it, so it is neither in use nor in the range other
-/// tests pick from.
-pub fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A private `redis-server` on a free port, killed on drop.
 pub struct PrivateRedis {
@@ -26,7 +15,7 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start() -> Self {
-        Self::start_on(closed_port())
+        Self::start_on(super::free_port())
     }
 
     pub fn start_on(port: u16) -> Self {
