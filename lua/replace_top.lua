@@ -1,42 +1,71 @@
--- replace_top.lua: atomically replaces one user's materialised answer, unless a newer one is
--- already stored. One script call is one atomic step, so a reader sees the old answer or the new
--- one, never a mix; both keys carry the user's hash tag, so the call touches one cluster slot.
+-- replace_top.lua: atomically replaces the materialised answers of one or more users, each
+-- unless a newer one is already stored. One script call is one atomic step, so a reader sees a
+-- user's old answer or the new one, never a mix. A user's two keys carry its hash tag: on a
+-- cluster a call names one user (one slot); on one server a call names many, which spreads the
+-- cost of a script call over them (a refresh stores 100k answers in seconds).
 --
--- KEYS[1]  <prefix>:{<user_id>}:songs  sorted set, member = song_id, score = plays
--- KEYS[2]  <prefix>:{<user_id>}:meta   hash
--- ARGV[1]  computed_at_ms  version of this computation: ms since the epoch at which it read
---                          ClickHouse (integer). A stored version greater than this one wins.
--- ARGV[2]  ttl_ms          TTL of both keys of a non-empty answer (integer ms, > 0)
+-- KEYS[2i-1]  <prefix>:{<user_id>}:songs  user i's sorted set, member = song_id, score = plays
+-- KEYS[2i]    <prefix>:{<user_id>}:meta   user i's hash
+-- ARGV[1]  computed_at_ms   version of this computation: ms since the epoch at which it read
+--                           ClickHouse (integer). A stored version greater than this one wins.
+-- ARGV[2]  ttl_ms           TTL of both keys of a non-empty answer (integer ms, > 0)
 -- ARGV[3]  tombstone_ttl_ms TTL of the tombstone an empty answer leaves (integer ms, > 0)
--- ARGV[4]  computed_at     RFC 3339
--- ARGV[5]  window_start    RFC 3339
--- ARGV[6]  window_end      RFC 3339
--- ARGV[7…] plays_1, song_id_1, plays_2, song_id_2, … (ZADD order); none: the answer is empty
+-- ARGV[4]  computed_at      RFC 3339
+-- ARGV[5]  window_start     RFC 3339
+-- ARGV[6]  window_end       RFC 3339
+-- then, for each user i in KEYS order: n_i (its number of songs, >= 0), followed by n_i pairs
+-- plays, song_id (ZADD order).
 --
--- Returns 1 when the answer was written, 2 when it was empty (the songs key is deleted and the
--- meta key becomes a tombstone holding only `computed_at_ms`, so that an older non-empty answer
--- still in flight cannot resurrect the user; it expires after tombstone_ttl_ms, leaving no keys),
--- 0 when refused because the stored version is newer. An equal version is rewritten: a retried
--- call is idempotent.
+-- Returns one code per user, in KEYS order: 1 when the answer was written, 2 when it was empty
+-- (the songs key is deleted and the meta key becomes a tombstone holding only `computed_at_ms`,
+-- so that an older non-empty answer still in flight cannot resurrect the user; it expires after
+-- tombstone_ttl_ms, leaving no keys), 0 when refused because the stored version is newer. An
+-- equal version is rewritten: a retried call is idempotent. Arguments are checked before any
+-- write: a malformed call changes nothing.
 local version = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local tombstone_ttl = tonumber(ARGV[3])
-if not version or not ttl or ttl <= 0 or not tombstone_ttl or tombstone_ttl <= 0 or #ARGV % 2 ~= 0 then
+local users = #KEYS / 2
+if not version or not ttl or ttl <= 0 or not tombstone_ttl or tombstone_ttl <= 0
+    or #ARGV < 6 or users < 1 or #KEYS % 2 ~= 0 then
   return redis.error_reply('replace_top: bad arguments')
 end
-local stored = tonumber(redis.call('HGET', KEYS[2], 'computed_at_ms'))
-if stored and stored > version then
-  return 0
+local counts = {}
+local next_arg = 7
+for i = 1, users do
+  local n = tonumber(ARGV[next_arg])
+  if not n or n < 0 or n % 1 ~= 0 then
+    return redis.error_reply('replace_top: bad arguments')
+  end
+  counts[i] = n
+  next_arg = next_arg + 1 + 2 * n
 end
-redis.call('DEL', KEYS[1], KEYS[2])
-if #ARGV == 6 then
-  redis.call('HSET', KEYS[2], 'computed_at_ms', ARGV[1])
-  redis.call('PEXPIRE', KEYS[2], tombstone_ttl)
-  return 2
+if next_arg ~= #ARGV + 1 then
+  return redis.error_reply('replace_top: bad arguments')
 end
-redis.call('ZADD', KEYS[1], unpack(ARGV, 7))
-redis.call('HSET', KEYS[2], 'computed_at_ms', ARGV[1], 'computed_at', ARGV[4],
-  'window_start', ARGV[5], 'window_end', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-return 1
+
+local codes = {}
+next_arg = 7
+for i = 1, users do
+  local songs, meta, n = KEYS[2 * i - 1], KEYS[2 * i], counts[i]
+  local stored = tonumber(redis.call('HGET', meta, 'computed_at_ms'))
+  if stored and stored > version then
+    codes[i] = 0
+  else
+    redis.call('DEL', songs, meta)
+    if n == 0 then
+      redis.call('HSET', meta, 'computed_at_ms', ARGV[1])
+      redis.call('PEXPIRE', meta, tombstone_ttl)
+      codes[i] = 2
+    else
+      redis.call('ZADD', songs, unpack(ARGV, next_arg + 1, next_arg + 2 * n))
+      redis.call('HSET', meta, 'computed_at_ms', ARGV[1], 'computed_at', ARGV[4],
+        'window_start', ARGV[5], 'window_end', ARGV[6])
+      redis.call('PEXPIRE', songs, ttl)
+      redis.call('PEXPIRE', meta, ttl)
+      codes[i] = 1
+    end
+  end
+  next_arg = next_arg + 1 + 2 * n
+end
+return codes

@@ -297,7 +297,7 @@ pub async fn read_cached_on<C: redis::aio::ConnectionLike>(
 // The `replace_top` Lua script (`lua/replace_top.lua`) is the only writer of a user's keys: the
 // refresher, the warm-up and the API's write-back after a miss all go through it.
 
-/// `lua/replace_top.lua`: atomic, version-guarded replace of one user's answer.
+/// `lua/replace_top.lua`: atomic, version-guarded replace of users' answers.
 pub static REPLACE_TOP: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/replace_top.lua")));
 
@@ -352,26 +352,43 @@ fn millis(duration: Duration) -> u64 {
         .max(1)
 }
 
-/// The script call that stores one answer.
+/// The script call that stores `answers` (all in one slot: one user on a cluster).
 fn invocation<'a>(
     target: &Target,
-    answer: &Answer<'_>,
+    answers: &[Answer<'_>],
     window: Window,
     computed_at_ms: i64,
 ) -> ScriptInvocation<'a> {
     let mut call = REPLACE_TOP.prepare_invoke();
-    call.key(songs_key(&target.prefix, answer.user_id))
-        .key(meta_key(&target.prefix, answer.user_id))
-        .arg(computed_at_ms)
+    for answer in answers {
+        call.key(songs_key(&target.prefix, answer.user_id))
+            .key(meta_key(&target.prefix, answer.user_id));
+    }
+    call.arg(computed_at_ms)
         .arg(millis(target.ttl))
         .arg(millis(target.tombstone_ttl))
         .arg(rfc3339_ms(computed_at_ms))
         .arg(window.start_rfc3339())
         .arg(window.end_rfc3339());
-    for song in answer.songs {
-        call.arg(song.plays).arg(song.song_id);
+    for answer in answers {
+        call.arg(answer.songs.len());
+        for song in answer.songs {
+            call.arg(song.plays).arg(song.song_id);
+        }
     }
     call
+}
+
+/// The outcomes of one script call that stored `expected` answers.
+fn outcomes(replies: Vec<i64>, expected: usize) -> Result<Vec<Outcome>, RedisError> {
+    if replies.len() != expected {
+        return Err(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "replace_top returned a code per user",
+            format!("{} codes for {expected} users", replies.len()),
+        )));
+    }
+    replies.into_iter().map(Outcome::from_reply).collect()
 }
 
 /// Replaces one user's answer, computed at `computed_at_ms` over `window`.
@@ -383,10 +400,11 @@ pub async fn replace(
     computed_at_ms: i64,
 ) -> Result<Outcome, RedisError> {
     // EVALSHA; on NOSCRIPT (a restarted or new node) the crate loads the script and retries.
-    let reply: i64 = invocation(target, answer, window, computed_at_ms)
-        .invoke_async(conn)
-        .await?;
-    Outcome::from_reply(reply)
+    let replies: Vec<i64> =
+        invocation(target, std::slice::from_ref(answer), window, computed_at_ms)
+            .invoke_async(conn)
+            .await?;
+    Ok(outcomes(replies, 1)?[0])
 }
 
 /// Loads the script on every node (on a cluster, every primary), so that a chunk's calls do
@@ -399,14 +417,18 @@ pub async fn load_replace_top(conn: &mut Conn) -> Result<(), RedisError> {
         .map(drop)
 }
 
+/// Answers per script call on one server: the call's fixed cost (argument tables, the Lua
+/// call) is spread over them, while one call still blocks Redis for only about a millisecond.
+const USERS_PER_CALL: usize = 32;
+
 /// Script calls per pipeline on one server, and pipelines in flight. A pipeline is one request
 /// and must be answered within the connection's response timeout (500 ms by default): a few
-/// hundred calls take a few milliseconds of Redis time, and a bounded number in flight keeps
+/// thousand answers take tens of milliseconds of Redis time, and a bounded number in flight keeps
 /// the queue in front of the last one short.
-const PIPELINE: usize = 250;
+const PIPELINE: usize = 8;
 const PIPELINES_IN_FLIGHT: usize = 4;
 
-/// One pipeline of EVALSHA calls.
+/// One pipeline of EVALSHA calls, each storing up to `USERS_PER_CALL` answers.
 async fn pipeline(
     mut conn: Conn,
     target: &Target,
@@ -414,15 +436,15 @@ async fn pipeline(
     window: Window,
     computed_at_ms: i64,
 ) -> Result<Vec<Outcome>, RedisError> {
-    let calls: Vec<ScriptInvocation<'_>> = answers
-        .iter()
-        .map(|answer| invocation(target, answer, window, computed_at_ms))
+    let calls: Vec<(ScriptInvocation<'_>, usize)> = answers
+        .chunks(USERS_PER_CALL)
+        .map(|part| (invocation(target, part, window, computed_at_ms), part.len()))
         .collect();
     let mut pipe = redis::pipe();
-    for call in &calls {
+    for (call, _) in &calls {
         pipe.invoke_script(call);
     }
-    let replies: Vec<i64> = match pipe.query_async(&mut conn).await {
+    let replies: Vec<Vec<i64>> = match pipe.query_async(&mut conn).await {
         // The server lost its scripts (restart, SCRIPT FLUSH) since the cycle loaded it: load
         // again and resend; every call is idempotent.
         Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
@@ -431,15 +453,20 @@ async fn pipeline(
         }
         other => other?,
     };
-    replies.into_iter().map(Outcome::from_reply).collect()
+    let mut all = Vec::with_capacity(answers.len());
+    for (codes, (_, expected)) in replies.into_iter().zip(&calls) {
+        all.extend(outcomes(codes, *expected)?);
+    }
+    Ok(all)
 }
 
 /// Writes a chunk of answers. Returns the outcome of each answer, in no particular order, or
 /// the first error.
 ///
-/// On one server, the chunk goes as pipelines of EVALSHA calls (a few round trips). A cluster
-/// pipeline may not span slots, so there the calls run concurrently on the multiplexed cluster
-/// connection, which sends them to their nodes as they come (a pipeline per node on the wire).
+/// On one server, the chunk goes as pipelines of EVALSHA calls of many answers each (a few round
+/// trips). A cluster call and pipeline may not span slots, so there each call stores one answer
+/// and the calls run concurrently on the multiplexed cluster connection, which sends them to
+/// their nodes as they come (a pipeline per node on the wire).
 pub async fn replace_all(
     conn: &Conn,
     target: &Target,
@@ -448,13 +475,14 @@ pub async fn replace_all(
     computed_at_ms: i64,
 ) -> Result<Vec<Outcome>, RedisError> {
     if let Conn::Single(_) = conn {
-        let pipelines: Vec<Vec<Outcome>> = futures::stream::iter(answers.chunks(PIPELINE))
-            .map(|part| pipeline(conn.clone(), target, part, window, computed_at_ms))
-            .buffer_unordered(PIPELINES_IN_FLIGHT)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let pipelines: Vec<Vec<Outcome>> =
+            futures::stream::iter(answers.chunks(PIPELINE * USERS_PER_CALL))
+                .map(|part| pipeline(conn.clone(), target, part, window, computed_at_ms))
+                .buffer_unordered(PIPELINES_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
         return Ok(pipelines.into_iter().flatten().collect());
     }
     futures::stream::iter(answers)

@@ -281,11 +281,106 @@ async fn replace_top_contract_and_guard() {
         .arg("a")
         .arg("b")
         .arg("c")
-        .query_async::<i64>(&mut conn)
+        .arg(0)
+        .query_async::<Vec<i64>>(&mut conn)
         .await
         .expect_err("refused");
     assert!(error.to_string().contains("bad arguments"), "{error}");
     assert_eq!(exists(&mut conn, prefix, 1).await, 0);
+}
+
+/// On one server a script call stores many users' answers (`replace_all` sends them in calls of
+/// several dozen): each user is guarded on its own (one refused, one emptied, the rest written in
+/// the same calls), and a malformed call is refused before it writes anything.
+#[tokio::test]
+async fn replace_top_stores_many_users_per_call() {
+    let args = common::redis_args();
+    let redis = Redis::connect(&args).expect("redis");
+    let mut conn = redis.get().await.expect("connection");
+    let prefix = args.prefix.as_str();
+    let target = target(prefix, 60_000);
+    let window = Window::at(common::workload::now_ms());
+    let t0 = common::workload::now_ms();
+
+    // User 1005 already has a newer answer; user 1010's new answer is empty.
+    let newer = songs(&[(77, 1)]);
+    let stored = Answer {
+        user_id: 1005,
+        songs: &newer,
+    };
+    assert_eq!(
+        replace(&mut conn, &target, &stored, window, t0 + 1)
+            .await
+            .expect("replace"),
+        Outcome::Written
+    );
+    let lists: Vec<(u64, Vec<RankedSong>)> = (1000..1100u64)
+        .map(|user| {
+            let list: Vec<(u64, u64)> = if user == 1010 {
+                Vec::new()
+            } else {
+                (1..=user % 7 + 1).map(|song| (song, user + song)).collect()
+            };
+            (user, songs(&list))
+        })
+        .collect();
+    let answers: Vec<Answer<'_>> = lists
+        .iter()
+        .map(|(user_id, songs)| Answer {
+            user_id: *user_id,
+            songs,
+        })
+        .collect();
+    let outcomes = topk::cache::replace_all(&conn, &target, &answers, window, t0)
+        .await
+        .expect("replace_all");
+    let count = |wanted: Outcome| outcomes.iter().filter(|&&o| o == wanted).count();
+    assert_eq!(
+        (
+            count(Outcome::Written),
+            count(Outcome::Emptied),
+            count(Outcome::Refused)
+        ),
+        (98, 1, 1)
+    );
+    for (user, list) in &lists {
+        let read = redis.read_top(prefix, *user, 50).await.expect("read");
+        match *user {
+            1005 => assert_eq!(read.expect("cached").songs, newer, "the newer answer stays"),
+            1010 => assert_eq!(read, None, "a tombstone"),
+            _ => {
+                let read = read.expect("cached");
+                assert_eq!(&read.songs, list, "user {user}");
+                assert_eq!(read.computed_at, rfc3339_ms(t0));
+            }
+        }
+    }
+
+    // Counts that do not match the arguments: refused, nothing written for any user.
+    let error = redis::cmd("EVAL")
+        .arg(include_str!("../lua/replace_top.lua"))
+        .arg(4)
+        .arg(songs_key(prefix, 1))
+        .arg(meta_key(prefix, 1))
+        .arg(songs_key(prefix, 2))
+        .arg(meta_key(prefix, 2))
+        .arg(t0)
+        .arg(1000)
+        .arg(1000)
+        .arg("a")
+        .arg("b")
+        .arg("c")
+        .arg(1)
+        .arg(5)
+        .arg(9)
+        .arg(2)
+        .arg(5)
+        .query_async::<Vec<i64>>(&mut conn)
+        .await
+        .expect_err("refused");
+    assert!(error.to_string().contains("bad arguments"), "{error}");
+    assert_eq!(exists(&mut conn, prefix, 1).await, 0);
+    assert_eq!(exists(&mut conn, prefix, 2).await, 0);
 }
 
 /// Polls until the tombstone has expired (Redis time, not a timed assertion: it only bounds

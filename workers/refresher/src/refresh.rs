@@ -2,15 +2,15 @@
 //! guarded script. [`refresh_users`] is shared by the refresher's cycles and the warm-up;
 //! [`Refresher`] keeps the cursors that say which users changed since its previous cycle.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use clickhouse::Client;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use topk::cache::{self, Answer, Outcome, Redis, Target};
 use topk::clock::Clock;
 use topk::query::TopQuery;
-use topk::window::{MAX_LIMIT, Window};
+use topk::window::{MAX_LIMIT, RankedSong, Window};
 
 use crate::{RefreshError, RefreshSettings, changes, events};
 
@@ -70,6 +70,10 @@ impl Refresh {
     /// so the version never claims more than the data it was computed from): chunks of
     /// `batch_size` users per ClickHouse query, `concurrency` chunks in flight. A failed chunk
     /// is logged and its users returned in `failed`; the others go on.
+    ///
+    /// Computing and storing are two stages that overlap: while Redis stores the answers of one
+    /// chunk, ClickHouse already computes the next ones. Each stage is busy on its own core;
+    /// run one after the other (as before), a cycle took the sum of both.
     pub async fn users(&self, users: &[u64], window: Window, computed_at_ms: i64) -> Refreshed {
         let mut total = Refreshed::default();
         if users.is_empty() {
@@ -90,38 +94,61 @@ impl Refresh {
                 return total;
             }
         };
-        let mut chunks = futures::stream::iter(users.chunks(self.batch_size))
-            .map(|chunk| {
+        // At most `concurrency` computed chunks wait for Redis: memory stays bounded.
+        let (mut computed_tx, computed_rx) = futures::channel::mpsc::channel(self.concurrency);
+        let compute = async move {
+            let mut computing = futures::stream::iter(users.chunks(self.batch_size))
+                .map(|chunk| async move {
+                    let answers = self.query.top_for_users(chunk, window, MAX_LIMIT).await;
+                    (chunk, answers)
+                })
+                .buffer_unordered(self.concurrency);
+            while let Some(computed) = computing.next().await {
+                if computed_tx.send(computed).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let store = computed_rx
+            .map(|(chunk, answers)| {
                 let conn = &conn;
                 async move {
-                    match self.chunk(conn, chunk, window, computed_at_ms).await {
-                        Ok(done) => done,
-                        Err(error) => {
-                            events::chunk_failed(chunk.len(), &error);
-                            Refreshed {
-                                failed: chunk.to_vec(),
-                                ..Refreshed::default()
-                            }
+                    let stored = match answers {
+                        Ok(answers) => self
+                            .store(conn, chunk, &answers, window, computed_at_ms)
+                            .await
+                            .map_err(RefreshError::from),
+                        Err(error) => Err(RefreshError::from(error)),
+                    };
+                    stored.unwrap_or_else(|error| {
+                        events::chunk_failed(chunk.len(), &error);
+                        Refreshed {
+                            failed: chunk.to_vec(),
+                            ..Refreshed::default()
                         }
-                    }
+                    })
                 }
             })
-            .buffer_unordered(self.concurrency);
-        while let Some(done) = chunks.next().await {
-            total.add(done);
-        }
+            .buffer_unordered(self.concurrency)
+            .for_each(|done| {
+                total.add(done);
+                std::future::ready(())
+            });
+        futures::join!(compute, store);
         total
     }
 
-    async fn chunk(
+    /// Stores the computed answers of `users` (every user of the chunk: one without plays in
+    /// the window gets the empty answer).
+    async fn store(
         &self,
         conn: &topk::cache::Conn,
         users: &[u64],
+        answers: &HashMap<u64, Vec<RankedSong>>,
         window: Window,
         computed_at_ms: i64,
-    ) -> Result<Refreshed, RefreshError> {
+    ) -> Result<Refreshed, redis::RedisError> {
         // Every answer keeps MAX_LIMIT songs, so the API answers any limit from the cache.
-        let answers = self.query.top_for_users(users, window, MAX_LIMIT).await?;
         let answers: Vec<Answer<'_>> = users
             .iter()
             .map(|user_id| Answer {
