@@ -11,8 +11,10 @@
 //!   a phase in which ClickHouse was down (alone or with Redis);
 //! - no role exited on its own.
 //!
-//! `TOPK_TEST_SCALE=10` (or `scripts/chaos`) runs the full storm: 60 aggregator kills instead of
-//! 20, three rounds of every disruption, more users, for longer.
+//! `scripts/chaos [RUNS]` runs the full storm: this storm RUNS times (default 3), each on a fresh
+//! private stack with its own seed. One longer storm is not the full storm because of tansu 0.6.0:
+//! after 17-60 kills in one group its coordinator stopped giving a new member partitions (twice,
+//! for the rest of the run; see RELIABILITY.md), which tests the broker, not topk.
 
 mod common;
 
@@ -424,32 +426,13 @@ fn progress(brokers: &str) -> Result<Vec<(i64, i64)>, rdkafka::error::KafkaError
         .collect()
 }
 
-/// `line` without its terminal colour codes (the roles colour their log fields).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC '[' parameters… final byte in '@'..='~'.
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Lines of `log` that end a refresh cycle, and whether each had no failed chunk.
 fn cycles_done(log: &Path) -> Vec<bool> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter(|line| line.contains("refresh cycle done"))
-        .map(|line| strip_ansi(line).contains("failed=0"))
+        .map(|line| line.contains("failed=0"))
         .collect()
 }
 
@@ -468,19 +451,14 @@ fn ranked_truth(truth: &BTreeMap<(u64, u64), u64>) -> BTreeMap<u64, Vec<topk::wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_loses_nothing_and_serves_only_honest_503s() {
-    let scale = common::scale();
-    let full = scale > 1;
     // Each kill waits for the worker to hold partitions (a rebalance, ~3-6 s) first.
-    let kills = if full { 60 } else { 20 };
-    let rounds = if full { 3 } else { 1 };
+    let kills = 20;
     // tansu (sqlite) saturates one core of a shared 2-core machine at 250 events/s: its
     // heartbeat answers then take longer than the session timeout, the group keeps rebalancing
-    // and the workers make almost no progress between kills. The full storm is longer, not faster.
-    let (rate, users, songs) = if full {
-        (120, 1_500, 1_000)
-    } else {
-        (150, 400, 300)
-    };
+    // and the workers make almost no progress between kills.
+    let (rate, users, songs) = (150, 400, 300);
+    // A short session timeout keeps each kill's rebalance short.
+    let session_timeout = "4s";
     let mut rng = common::workload::rng("chaos");
     let test_started = Instant::now();
     let test_wall = time::OffsetDateTime::now_utc().time();
@@ -544,7 +522,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
                 "aggregate".to_owned(),
                 format!("--group={GROUP}"),
                 "--flush-interval=1s".to_owned(),
-                "--kafka-session-timeout=4s".to_owned(),
+                format!("--kafka-session-timeout={session_timeout}"),
             ],
             stack.flags(true, true, false),
         ]
@@ -591,11 +569,12 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         let mut rng: StdRng = rand::SeedableRng::seed_from_u64(killer_seed);
         for round in 0..kills {
             // A kill before the group has assigned the new worker its partitions only prolongs
-            // the rebalance (the dead member holds them for the session timeout): wait until the
-            // worker processes (or at most 20 s, e.g. while ClickHouse is down), then kill it
-            // at a random moment of its work.
+            // the rebalance (the dead member holds them for the session timeout), and one before
+            // it resumed (re-read its dedup window) only repeats that work: wait until the worker
+            // processes (or at most 60 s, e.g. while ClickHouse is down), then kill it at a
+            // random moment of its work.
             let working = Instant::now();
-            while working.elapsed() < Duration::from_secs(20)
+            while working.elapsed() < Duration::from_secs(60)
                 && !std::fs::read_to_string(aggregator.current_log())
                     .unwrap_or_default()
                     .contains("partition resumed")
@@ -634,62 +613,55 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     let disruptions = async {
         let mut rng: StdRng = rand::SeedableRng::seed_from_u64(disruption_seed);
         let mut gap = || Duration::from_millis(rng.random_range(2_000..5_000));
-        for round in 0..rounds {
-            tokio::time::sleep(gap()).await;
-            refresher.kill_9().await;
-            refresher.start();
+        tokio::time::sleep(gap()).await;
+        refresher.kill_9().await;
+        refresher.start();
 
-            tokio::time::sleep(gap()).await;
-            phase(
-                &phases,
-                format!("clickhouse restart {round}"),
-                true,
-                async {
-                    stack.run("down", &["clickhouse"]).await;
-                    stack.run("up", &["clickhouse"]).await;
-                },
-            )
-            .await;
+        tokio::time::sleep(gap()).await;
+        phase(&phases, "clickhouse restart".to_owned(), true, async {
+            stack.run("down", &["clickhouse"]).await;
+            stack.run("up", &["clickhouse"]).await;
+        })
+        .await;
 
-            tokio::time::sleep(gap()).await;
-            phase(&phases, format!("redis restart {round}"), false, async {
-                stack.run("down", &["redis"]).await;
-                stack.run("up", &["redis"]).await;
-            })
-            .await;
-            // Redis keeps nothing across a restart: the documented remedy is a warm-up.
-            warmup(format!("warmup-redis-{round}")).await;
+        tokio::time::sleep(gap()).await;
+        phase(&phases, "redis restart".to_owned(), false, async {
+            stack.run("down", &["redis"]).await;
+            stack.run("up", &["redis"]).await;
+        })
+        .await;
+        // Redis keeps nothing across a restart: the documented remedy is a warm-up.
+        warmup("warmup-redis".to_owned()).await;
 
-            tokio::time::sleep(gap()).await;
-            phase(&phases, format!("tansu restart {round}"), false, async {
-                stack.run("down", &["tansu"]).await;
-                // `up` starts a new log; keep the old one.
-                let _ = std::fs::copy(
-                    stack.path().join("stack/tansu.log"),
-                    logs.join(format!("tansu-until-restart-{round}.log")),
-                );
-                stack.run("up", &["tansu"]).await;
-            })
-            .await;
+        tokio::time::sleep(gap()).await;
+        phase(&phases, "tansu restart".to_owned(), false, async {
+            stack.run("down", &["tansu"]).await;
+            // `up` starts a new log; keep the old one.
+            let _ = std::fs::copy(
+                stack.path().join("stack/tansu.log"),
+                logs.join("tansu-until-restart.log"),
+            );
+            stack.run("up", &["tansu"]).await;
+        })
+        .await;
 
-            tokio::time::sleep(gap()).await;
-            phase(
-                &phases,
-                format!("redis and clickhouse down {round}"),
-                true,
-                async {
-                    stack.run("down", &["redis", "clickhouse"]).await;
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    stack.run("up", &["redis", "clickhouse"]).await;
-                },
-            )
-            .await;
-            warmup(format!("warmup-both-{round}")).await;
+        tokio::time::sleep(gap()).await;
+        phase(
+            &phases,
+            "redis and clickhouse down".to_owned(),
+            true,
+            async {
+                stack.run("down", &["redis", "clickhouse"]).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                stack.run("up", &["redis", "clickhouse"]).await;
+            },
+        )
+        .await;
+        warmup("warmup-both".to_owned()).await;
 
-            tokio::time::sleep(gap()).await;
-            refresher.kill_9().await;
-            refresher.start();
-        }
+        tokio::time::sleep(gap()).await;
+        refresher.kill_9().await;
+        refresher.start();
     };
     tokio::join!(killer, disruptions);
     let storm_ended = Instant::now();
@@ -706,8 +678,11 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     // worker started right after one was killed in the middle of a rebalance never got its
     // partitions (no log line for 5 min, nothing committed). The operator's remedy, restarting
     // the worker, is applied after a minute without progress and counted in the summary.
+    // The backlog grows with the storm's length: the drain must keep making progress (a worker
+    // restart after each minute without it, at most five in a row), not finish by a fixed time.
     let drain_started = Instant::now();
-    let (mut last, mut since, mut drain_restarts) = (None, Instant::now(), 0);
+    let (mut last, mut since, mut drain_restarts, mut stuck_restarts) =
+        (None, Instant::now(), 0, 0);
     loop {
         let brokers = stack.brokers();
         let now = tokio::task::spawn_blocking(move || progress(&brokers).ok())
@@ -720,16 +695,19 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             break;
         }
         if now.is_some() && now != last {
-            (last, since) = (now, Instant::now());
+            (last, since, stuck_restarts) = (now, Instant::now(), 0);
         } else if since.elapsed() > Duration::from_secs(60) {
             aggregator.kill_9().await;
             aggregator.start();
             drain_restarts += 1;
+            stuck_restarts += 1;
             since = Instant::now();
         }
         assert!(
-            drain_started.elapsed() < Duration::from_secs(600),
-            "aggregators not drained after 10 min: (committed, end) per partition {last:?}"
+            stuck_restarts <= 5 && drain_started.elapsed() < Duration::from_secs(1_800),
+            "aggregators not drained: no progress for {stuck_restarts} min, or 30 min in all \
+             ({:?}); (committed, end) per partition {last:?}",
+            drain_started.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -878,8 +856,8 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
             .flat_map(|text| {
                 text.lines()
-                    .map(strip_ansi)
                     .filter(|line| line.contains(needle))
+                    .map(str::to_owned)
                     .collect::<Vec<_>>()
             })
             .collect()
