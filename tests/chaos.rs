@@ -671,18 +671,32 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     serve.check();
     refresher.check();
     aggregator.check();
-    if aggregator.child.is_none() {
-        aggregator.start();
+    // The kills are over: the worker drains with the default 10 s session. While it fetches the
+    // backlog, tansu's heartbeat answers took 4-5 s (seen on an idle machine, 2026-11-30), which
+    // a 4 s session times out in a loop.
+    for arg in &mut aggregator.args {
+        if arg.starts_with("--kafka-session-timeout=") {
+            *arg = "--kafka-session-timeout=10s".to_owned();
+        }
     }
+    if aggregator.child.is_some() {
+        aggregator.kill_9().await;
+    }
+    aggregator.start();
     // Drained: the group committed the end of every partition. Seen once on tansu 0.6.0: a
     // worker started right after one was killed in the middle of a rebalance never got its
     // partitions (no log line for 5 min, nothing committed). The operator's remedy, restarting
     // the worker, is applied after a minute without progress and counted in the summary.
     // The backlog grows with the storm's length: the drain must keep making progress (a worker
     // restart after each minute without it, at most five in a row), not finish by a fixed time.
+    // Seen too (2026-11-30, on an idle machine): tansu's coordinator stopped answering the
+    // worker's heartbeats, so every new worker resumed a partition or two and was timed out of
+    // the group. Restarting tansu (its data and committed offsets survive) is the remedy, applied
+    // after every second worker restart since the last one, and counted.
     let drain_started = Instant::now();
     let (mut last, mut since, mut drain_restarts, mut stuck_restarts) =
         (None, Instant::now(), 0, 0);
+    let (mut broker_restarts, mut worker_restarts_since_broker) = (0, 0);
     loop {
         let brokers = stack.brokers();
         let now = tokio::task::spawn_blocking(move || progress(&brokers).ok())
@@ -698,6 +712,13 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             (last, since, stuck_restarts) = (now, Instant::now(), 0);
         } else if since.elapsed() > Duration::from_secs(60) {
             aggregator.kill_9().await;
+            worker_restarts_since_broker += 1;
+            if worker_restarts_since_broker >= 2 {
+                stack.run("down", &["tansu"]).await;
+                stack.run("up", &["tansu"]).await;
+                broker_restarts += 1;
+                worker_restarts_since_broker = 0;
+            }
             aggregator.start();
             drain_restarts += 1;
             stuck_restarts += 1;
@@ -871,7 +892,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     eprintln!(
         "chaos: {} plays ({} duplicates, {} malformed), {} aggregator starts, {} refresher starts, \
          {} partition resumes ({replays} replaying intents), {resends} loadgen re-send rounds, \
-         {drain_restarts} worker restarts for a stuck drain, \
+         {drain_restarts} worker restarts for a stuck drain ({broker_restarts} with tansu), \
          {} API requests by status {by_status:?}; storm {:?}, drained {:?} later; phases {phase_list:#?}",
         truth.plays,
         truth.duplicates,
