@@ -436,12 +436,12 @@ async fn pipeline(
     window: Window,
     computed_at_ms: i64,
 ) -> Result<Vec<Outcome>, RedisError> {
-    let calls: Vec<(ScriptInvocation<'_>, usize)> = answers
+    let calls: Vec<ScriptInvocation<'_>> = answers
         .chunks(USERS_PER_CALL)
-        .map(|part| (invocation(target, part, window, computed_at_ms), part.len()))
+        .map(|part| invocation(target, part, window, computed_at_ms))
         .collect();
     let mut pipe = redis::pipe();
-    for (call, _) in &calls {
+    for call in &calls {
         pipe.invoke_script(call);
     }
     let replies: Vec<Vec<i64>> = match pipe.query_async(&mut conn).await {
@@ -454,8 +454,8 @@ async fn pipeline(
         other => other?,
     };
     let mut all = Vec::with_capacity(answers.len());
-    for (codes, (_, expected)) in replies.into_iter().zip(&calls) {
-        all.extend(outcomes(codes, *expected)?);
+    for (codes, part) in replies.into_iter().zip(answers.chunks(USERS_PER_CALL)) {
+        all.extend(outcomes(codes, part.len())?);
     }
     Ok(all)
 }

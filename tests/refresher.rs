@@ -270,23 +270,8 @@ async fn replace_top_contract_and_guard() {
     wait_for_no_keys(&mut conn, prefix, 42).await;
 
     // Bad arguments are refused by the script itself.
-    let error = redis::cmd("EVAL")
-        .arg(include_str!("../lua/replace_top.lua"))
-        .arg(2)
-        .arg(songs_key(prefix, 1))
-        .arg(meta_key(prefix, 1))
-        .arg("not-a-number")
-        .arg(1000)
-        .arg(1000)
-        .arg("a")
-        .arg("b")
-        .arg("c")
-        .arg(0)
-        .query_async::<Vec<i64>>(&mut conn)
-        .await
-        .expect_err("refused");
-    assert!(error.to_string().contains("bad arguments"), "{error}");
-    assert_eq!(exists(&mut conn, prefix, 1).await, 0);
+    let bad_version = ["not-a-number", "1000", "1000", "a", "b", "c", "0"];
+    assert_refused_untouched(&mut conn, prefix, &[1], &bad_version).await;
 }
 
 /// On one server a script call stores many users' answers (`replace_all` sends them in calls of
@@ -357,30 +342,42 @@ async fn replace_top_stores_many_users_per_call() {
     }
 
     // Counts that do not match the arguments: refused, nothing written for any user.
-    let error = redis::cmd("EVAL")
-        .arg(include_str!("../lua/replace_top.lua"))
-        .arg(4)
-        .arg(songs_key(prefix, 1))
-        .arg(meta_key(prefix, 1))
-        .arg(songs_key(prefix, 2))
-        .arg(meta_key(prefix, 2))
-        .arg(t0)
-        .arg(1000)
-        .arg(1000)
-        .arg("a")
-        .arg("b")
-        .arg("c")
-        .arg(1)
-        .arg(5)
-        .arg(9)
-        .arg(2)
-        .arg(5)
-        .query_async::<Vec<i64>>(&mut conn)
+    let t0 = t0.to_string();
+    let short_counts = [
+        t0.as_str(),
+        "1000",
+        "1000",
+        "a",
+        "b",
+        "c",
+        "1",
+        "5",
+        "9",
+        "2",
+        "5",
+    ];
+    assert_refused_untouched(&mut conn, prefix, &[1, 2], &short_counts).await;
+}
+
+/// Calls the script directly on `users`' keys with `argv`: it must refuse the call as bad
+/// arguments and leave none of their keys behind.
+async fn assert_refused_untouched(conn: &mut Conn, prefix: &str, users: &[u64], argv: &[&str]) {
+    let mut call = redis::cmd("EVAL");
+    call.arg(include_str!("../lua/replace_top.lua"))
+        .arg(2 * users.len());
+    for &user in users {
+        call.arg(songs_key(prefix, user))
+            .arg(meta_key(prefix, user));
+    }
+    let error = call
+        .arg(argv)
+        .query_async::<Vec<i64>>(conn)
         .await
         .expect_err("refused");
     assert!(error.to_string().contains("bad arguments"), "{error}");
-    assert_eq!(exists(&mut conn, prefix, 1).await, 0);
-    assert_eq!(exists(&mut conn, prefix, 2).await, 0);
+    for &user in users {
+        assert_eq!(exists(conn, prefix, user).await, 0, "user {user}");
+    }
 }
 
 /// Polls until the tombstone has expired (Redis time, not a timed assertion: it only bounds

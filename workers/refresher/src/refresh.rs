@@ -99,6 +99,8 @@ impl Refresh {
         let compute = async move {
             let mut computing = futures::stream::iter(users.chunks(self.batch_size))
                 .map(|chunk| async move {
+                    // Every answer keeps MAX_LIMIT songs, so the API answers any limit from the
+                    // cache.
                     let answers = self.query.top_for_users(chunk, window, MAX_LIMIT).await;
                     (chunk, answers)
                 })
@@ -148,7 +150,6 @@ impl Refresh {
         window: Window,
         computed_at_ms: i64,
     ) -> Result<Refreshed, redis::RedisError> {
-        // Every answer keeps MAX_LIMIT songs, so the API answers any limit from the cache.
         let answers: Vec<Answer<'_>> = users
             .iter()
             .map(|user_id| Answer {
