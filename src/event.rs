@@ -139,11 +139,41 @@ struct WireEvent<'a> {
     timestamp: WireTimestamp<'a>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// Epoch milliseconds or RFC 3339 text. Deserialised by hand: serde's `untagged` buffers every
+/// value into its generic `Content` first, which showed in the ingest profile.
 enum WireTimestamp<'a> {
     Millis(i64),
-    Text(#[serde(borrow)] Cow<'a, str>),
+    Text(Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireTimestamp<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = WireTimestamp<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("epoch milliseconds (an integer) or an RFC 3339 string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<Self::Value, E> {
+                Ok(WireTimestamp::Millis(ms))
+            }
+            fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<Self::Value, E> {
+                i64::try_from(ms)
+                    .map(WireTimestamp::Millis)
+                    .map_err(|_| E::custom("timestamp out of range"))
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(WireTimestamp::Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(WireTimestamp::Text(Cow::Owned(text.to_owned())))
+            }
+        }
+        deserializer.deserialize_any(Visitor(std::marker::PhantomData))
+    }
 }
 
 impl Validator {

@@ -49,6 +49,9 @@ pub struct PartitionState {
     sealed: VecDeque<Batch>,
     /// Intents recorded by an earlier owner that start at or after the resume offset.
     replay: VecDeque<Intent>,
+    /// Cells of the last sealed batch: the next one starts with that capacity instead of
+    /// rehashing its way up (growth showed in the ingest profile).
+    last_cells: usize,
 }
 
 impl PartitionState {
@@ -69,6 +72,7 @@ impl PartitionState {
             open: None,
             sealed: VecDeque::new(),
             replay: replay.into(),
+            last_cells: 0,
         }
     }
 
@@ -103,12 +107,9 @@ impl PartitionState {
         let first_ts = message.timestamp.unwrap_or(self.max_ts.max(0));
         if self.open.is_none() {
             let forced_end = self.take_intent_starting_at(message.offset, first_ts);
-            self.open = Some(Batch::open(
-                self.partition,
-                message.offset,
-                first_ts,
-                forced_end,
-            ));
+            let mut batch = Batch::open(self.partition, message.offset, first_ts, forced_end);
+            batch.counts.reserve(self.last_cells);
+            self.open = Some(batch);
         }
         let at = self.advance_clock(message.timestamp);
         let produced_at = at_or(message.timestamp, at);
@@ -189,6 +190,7 @@ impl PartitionState {
             .dedup
             .rebuild_point(batch.max_ts)
             .unwrap_or((batch.end_offset, batch.max_ts));
+        self.last_cells = batch.counts.len();
         batch.dedup_from = dedup_from;
         batch.dedup_from_max_ts = dedup_from_max_ts;
         self.sealed.push_back(batch);
