@@ -31,13 +31,27 @@ pub enum KafkaClientError {
     },
 }
 
-/// Base client settings: loopback-friendly timeouts and quiet logs.
+/// Base client settings: loopback-friendly timeouts and quiet logs. `TOPK_KAFKA_DEBUG` turns on
+/// librdkafka's own debug contexts (e.g. `cgrp,protocol` for group membership), logged at
+/// `RUST_LOG=librdkafka=debug`-level detail through the process's log.
 pub fn base_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
         .set("socket.keepalive.enable", "true")
         .set("log_level", "4");
+    if let Some(contexts) = std::env::var("TOPK_KAFKA_DEBUG")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        config.set("debug", contexts).set("log_level", "7");
+    }
+    // Any librdkafka property, for the broker at hand: `key=value` pairs separated by commas.
+    if let Ok(options) = std::env::var("TOPK_KAFKA_OPTIONS") {
+        for (key, value) in options.split(',').filter_map(|pair| pair.split_once('=')) {
+            config.set(key.trim(), value.trim());
+        }
+    }
     config
 }
 
