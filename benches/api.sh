@@ -13,16 +13,19 @@
 #    reading the meta hash and the whole sorted set with scores of one user (the API sends
 #    MULTI, HGETALL, ZRANGE WITHSCORES, EXEC in one round trip; EVAL is the same two reads in
 #    one round trip).
-# 4. wrk again, paced at half the maximum rate found in 2 (each connection waits before its
-#    next request: wrk has no open-loop mode and wrk2 is not in Debian), with --latency: p99.
+# 4. wrk again, paced at half the maximum rate found in 2, with --latency: p99. wrk has no
+#    open-loop mode and wrk2 is not in Debian, so TOPK_BENCH_HALF_CONNECTIONS (8) connections on
+#    one wrk thread each wait between a response and their next request; short calibration runs
+#    correct the wait so the rate lands on half (the JSON reports the share reached).
 # 5. The no-cache path: a second API with --max-age 1ms, so every request recomputes from
 #    ClickHouse (and writes back), wrk with 8 connections.
 # Prints the figures and one JSON line. wrk, redis-benchmark and the API share the 2 cores.
 #
-# Measured 2026-11-29 on the shared 2-core dev machine (load average 3-5 from other builds):
-# 64 connections: API 7,455 req/s vs redis-benchmark 11,784 (0.63x); paced at 3,224 req/s p99
-# 7.9 ms (redis-benchmark's own p50 was 5.2 ms); no-cache path 121 req/s (cache 62x faster).
-# 16 connections: API 5,680 vs 12,153 (0.47x); paced at 2,235 req/s p99 3.3 ms; no-cache 228.
+# Measured 2026-11-30 on the shared 2-core dev machine, quiet, three runs: API 8,123-8,640 req/s
+# vs redis-benchmark 12,441-13,393 (0.65-0.67x); paced with 8 connections at 0.45/0.50/0.59 of
+# the maximum rate, p99 1.66/1.93/1.77 ms; no-cache path 207-238 req/s (cache 36-39x faster).
+# Paced with 64 connections instead (the old step 4), p99 was 3.45 ms at half rate: 64
+# connections on 2 cores shared by wrk, the API and Redis queue behind each other.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -87,7 +90,12 @@ function init(args) math.randomseed(seed) end
 function request()
   return wrk.format("GET", "/v1/users/" .. math.random(1, users) .. "/top-songs")
 end
-if pause > 0 then function delay() return pause end end
+-- wrk waits whole milliseconds: a fractional mean is drawn from the two whole values around it.
+if pause > 0 then
+  local whole = math.floor(pause)
+  local frac = pause - whole
+  function delay() if math.random() < frac then return whole + 1 end return whole end
+end
 LUA
 
 rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
@@ -103,11 +111,25 @@ redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" -c "$CONNS" -n 400000 --thread
   EVAL "$READ" 2 "$PREFIX:{1}:meta" "$PREFIX:{1}:songs" | tr '\r' '\n' | grep -v '^$' | tail -1 | tee "$WORK/redis.txt" >&2
 REDIS_RPS="$(grep -o '[0-9.]* requests per second' "$WORK/redis.txt" | awk '{print $1}')"
 
-# Half the maximum rate: each connection waits so that CONNS connections make API_RPS / 2.
-DELAY_MS="$(awk -v c="$CONNS" -v r="$API_RPS" 'BEGIN { d = 2 * c * 1000 / r; printf "%d", (d < 1 ? 1 : d + 0.5) }')"
-echo "api bench: wrk paced at ~half rate (each connection waits ${DELAY_MS} ms)" >&2
-WRK_DELAY_MS="$DELAY_MS" wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$WORK/random_user.lua" \
-  "http://127.0.0.1:$PORT" | tee "$WORK/half.txt" >&2
+# Half the maximum rate: HALF_CONNS connections (8), one wrk thread, each connection waiting
+# between a response and its next request. The wait that gives half the rate is the connection's
+# share of the time (HALF_CONNS / rate) less its round trip: three 3 s calibration runs each
+# correct the wait by what the rate missed, then the measured run uses it.
+HALF_CONNS="${TOPK_BENCH_HALF_CONNECTIONS:-8}"
+paced() { # paced DELAY_MS DURATION OUT
+  WRK_DELAY_MS="$1" wrk -t1 -c"$HALF_CONNS" -d"$2" --latency -s "$WORK/random_user.lua" \
+    "http://127.0.0.1:$PORT" >"$3"
+}
+DELAY_MS="$(awk -v c="$HALF_CONNS" -v r="$API_RPS" 'BEGIN { printf "%.3f", 2 * c * 1000 / r }')"
+for _ in 1 2 3; do
+  paced "$DELAY_MS" 3s "$WORK/calibrate.txt"
+  # Per connection, the time between requests must grow (or shrink) by what it missed.
+  DELAY_MS="$(awk -v c="$HALF_CONNS" -v r="$API_RPS" -v d="$DELAY_MS" -v got="$(rps_of "$WORK/calibrate.txt")" \
+    'BEGIN { d += 2 * c * 1000 / r - c * 1000 / got; printf "%.3f", (d < 0 ? 0 : d) }')"
+done
+echo "api bench: wrk paced at half rate ($HALF_CONNS connections, each waits ${DELAY_MS} ms on average)" >&2
+paced "$DELAY_MS" "$DURATION" "$WORK/half.txt"
+cat "$WORK/half.txt" >&2
 HALF_RPS="$(rps_of "$WORK/half.txt")"
 HALF_P99="$(p99_of "$WORK/half.txt")"
 
@@ -117,7 +139,7 @@ OLAP_RPS="$(rps_of "$WORK/olap.txt")"
 OLAP_P99="$(p99_of "$WORK/olap.txt")"
 
 awk -v api="$API_RPS" -v redis="$REDIS_RPS" -v half="$HALF_RPS" -v p99="$HALF_P99" \
-    -v olap="$OLAP_RPS" -v olap_p99="$OLAP_P99" -v users="$USERS" -v conns="$CONNS" 'BEGIN {
-  printf "{\"users\": %d, \"connections\": %d, \"api_rps\": %.0f, \"redis_benchmark_rps\": %.0f, \"api_vs_redis\": %.2f, \"half_rate_rps\": %.0f, \"half_rate_p99\": \"%s\", \"olap_rps\": %.0f, \"olap_p99\": \"%s\", \"cache_vs_olap\": %.1f}\n",
-    users, conns, api, redis, api / redis, half, p99, olap, olap_p99, api / olap
+    -v olap="$OLAP_RPS" -v olap_p99="$OLAP_P99" -v users="$USERS" -v conns="$CONNS" -v half_conns="$HALF_CONNS" 'BEGIN {
+  printf "{\"users\": %d, \"connections\": %d, \"api_rps\": %.0f, \"redis_benchmark_rps\": %.0f, \"api_vs_redis\": %.2f, \"half_rate_connections\": %d, \"half_rate_rps\": %.0f, \"half_rate_share_of_max\": %.2f, \"half_rate_p99\": \"%s\", \"olap_rps\": %.0f, \"olap_p99\": \"%s\", \"cache_vs_olap\": %.1f}\n",
+    users, conns, api, redis, api / redis, half_conns, half, half / api, p99, olap, olap_p99, api / olap
 }'
