@@ -38,6 +38,15 @@ const GROUP: &str = "chaos-aggregators";
 const PREFIX: &str = "chaos";
 const DATABASE: &str = "chaos";
 const REFRESH_INTERVAL: &str = "2s";
+/// The aggregator's `--dedup-window` (see where it is passed).
+const DEDUP_WINDOW: &str = "3m";
+/// Consumer fetches of at most 64 KiB (librdkafka wants `message.max.bytes` no larger; the
+/// producers set their own). tansu 0.6.0's cost grows with the bytes a fetch returns and it
+/// ignores the per-partition limit: a drain's megabyte fetches took 2.5-10 s each and starved
+/// the group's heartbeats past the 4 s session (the worker was timed out of the group every
+/// ~10 s and threw its fetched backlog away, for good), where 64 KiB fetches take ~0.35 s
+/// (measured on a failed storm's data with `TOPK_KAFKA_DEBUG=protocol`, 2026-11-30).
+const TANSU_FETCH_OPTIONS: &str = "fetch.max.bytes=65536,message.max.bytes=65536";
 
 /// Cargo's package variables would reach the build `scripts/stack` runs and make it rebuild
 /// the binary from scratch (see `common::topk_bin`); the shared stack's `TOPK_…` variables would
@@ -236,6 +245,7 @@ impl Role {
         command
             .args(&self.args)
             .args(extra)
+            .env("TOPK_KAFKA_OPTIONS", TANSU_FETCH_OPTIONS)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -527,6 +537,10 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
                 format!("--group={GROUP}"),
                 "--flush-interval=1s".to_owned(),
                 format!("--kafka-session-timeout={session_timeout}"),
+                // loadgen sends a duplicate at most 120 s after its original and re-sends a
+                // failed delivery within ~30 s, so 3 min still drops every copy; the default
+                // 10 min makes each resume re-read the whole storm from tansu.
+                format!("--dedup-window={DEDUP_WINDOW}"),
             ],
             stack.flags(true, true, false),
         ]
@@ -676,11 +690,8 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     refresher.check();
     aggregator.check();
     // The kills are over: the last incarnation drains the backlog. Not restarted: a new member
-    // would resume every partition again, re-reading its dedup window, and each tansu fetch
-    // scans the partition from the fetch offset to its end (`record_fetch.sql`), which slows
-    // tansu's heartbeat answers past the 4 s session while the backlog is large (seen
-    // 2026-11-30 with TOPK_KAFKA_DEBUG=cgrp,protocol: heartbeat round trips of 2.6-5.2 s, fetch
-    // round trips of 10.5 s, "rebalance in progress" every ~10 s with a single member).
+    // would resume every partition again, re-reading its dedup window from tansu, whose load
+    // slows its heartbeat answers (see TANSU_FETCH_OPTIONS).
     if aggregator.child.is_none() {
         aggregator.start();
     }
