@@ -119,10 +119,7 @@ async fn measure(flush: &str, refresh: &str, seconds: u64, rate: u32) -> serde_j
     for task in tasks {
         let _ = task.await;
     }
-    let _ = topk::olap::server_client(&clickhouse)
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
+    common::drop_database(&clickhouse).await;
 
     samples.sort_by(f64::total_cmp);
     let round = |x: f64| x.round();

@@ -123,20 +123,37 @@ impl Rates {
 
 /// Consume-and-discard with a fresh group: the most a consumer of this broker can do here.
 async fn baseline_round(brokers: &str, topic: &str, events: u64) -> Rates {
-    let consumer = topk::kafka::consumer(brokers, &unique("bench_baseline")).expect("consumer");
+    let (started, first) =
+        consume_and_discard(brokers, topic, events, "bench_baseline", || ()).await;
+    Rates::new(events, started, first, Instant::now())
+}
+
+/// Consumes `events` messages with a fresh group named after `group_prefix` and discards them;
+/// `on_first` runs when the first arrives. Returns when it started and when (and after how
+/// many) the first message came.
+async fn consume_and_discard(
+    brokers: &str,
+    topic: &str,
+    events: u64,
+    group_prefix: &str,
+    on_first: impl FnOnce(),
+) -> (Instant, Option<(Instant, u64)>) {
+    let consumer = topk::kafka::consumer(brokers, &unique(group_prefix)).expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let started = Instant::now();
+    let mut on_first = Some(on_first);
     let mut first = None;
     let mut seen = 0u64;
     while seen < events {
         let message = consumer.recv().await.expect("message");
         std::hint::black_box(&message);
         seen += 1;
-        if first.is_none() {
+        if let Some(on_first) = on_first.take() {
             first = Some((Instant::now(), 1));
+            on_first();
         }
     }
-    Rates::new(events, started, first, Instant::now())
+    (started, first)
 }
 
 /// The aggregator with a fresh group into a fresh database, until every event is counted
@@ -211,10 +228,7 @@ async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> (Rates, u6
         .await
         .expect("total");
     assert_eq!(total, events, "every event counted exactly once");
-    let _ = topk::olap::server_client(&clickhouse)
-        .query(&format!("DROP DATABASE IF EXISTS {}", clickhouse.database))
-        .execute()
-        .await;
+    common::drop_database(&clickhouse).await;
     (rates, rows)
 }
 
@@ -228,48 +242,38 @@ async fn ceiling_round(brokers: &str, topic: &str, events: u64, rows: u64) -> Ra
     let clickhouse = common::clickhouse_args("topk_bench_ceiling");
     topk::migrate::run(&clickhouse).await.expect("migrate");
     let client = topk::olap::client(&clickhouse);
-    let consumer = topk::kafka::consumer(brokers, &unique("bench_ceiling")).expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
-    let started = Instant::now();
-    let mut first = None;
     let mut inserting = None;
-    let mut seen = 0u64;
-    while seen < events {
-        let message = consumer.recv().await.expect("message");
-        std::hint::black_box(&message);
-        seen += 1;
-        if first.is_none() {
-            first = Some((Instant::now(), 1));
-            let client = client.clone();
-            inserting = Some(tokio::spawn(async move {
-                let minute = (time::OffsetDateTime::now_utc().unix_timestamp() / 60 * 60) as u32;
-                for chunk in (0..rows).collect::<Vec<_>>().chunks(100_000) {
-                    let mut insert = client
-                        .insert::<topk_aggregator::store::PlayRow>("plays_minute")
-                        .await
-                        .expect("insert");
-                    for &i in chunk {
-                        let row = topk_aggregator::store::PlayRow {
-                            user_id: (i * 7_919) % 100_000 + 1,
-                            song_id: (i * 104_729) % 10_000 + 1,
-                            minute: minute - (i % 60) as u32 * 60,
-                            plays: 1,
-                            batch_id: i / 100_000,
-                        };
-                        insert.write(&row).await.expect("row");
-                    }
-                    insert.end().await.expect("insert ends");
-                }
-            }));
-        }
-    }
+    let (started, first) = consume_and_discard(brokers, topic, events, "bench_ceiling", || {
+        inserting = Some(tokio::spawn(insert_rows(client, rows)));
+    })
+    .await;
     if let Some(inserting) = inserting {
         inserting.await.expect("inserts");
     }
     let rates = Rates::new(events, started, first, Instant::now());
-    let _ = topk::olap::server_client(&clickhouse)
-        .query(&format!("DROP DATABASE IF EXISTS {}", clickhouse.database))
-        .execute()
-        .await;
+    common::drop_database(&clickhouse).await;
     rates
+}
+
+/// Inserts `rows` distinct minute rows of the last hour, 100k per insert.
+async fn insert_rows(client: clickhouse::Client, rows: u64) {
+    const PER_INSERT: u64 = 100_000;
+    let minute = (time::OffsetDateTime::now_utc().unix_timestamp() / 60 * 60) as u32;
+    for start in (0..rows).step_by(PER_INSERT as usize) {
+        let mut insert = client
+            .insert::<topk_aggregator::store::PlayRow>("plays_minute")
+            .await
+            .expect("insert");
+        for i in start..(start + PER_INSERT).min(rows) {
+            let row = topk_aggregator::store::PlayRow {
+                user_id: (i * 7_919) % 100_000 + 1,
+                song_id: (i * 104_729) % 10_000 + 1,
+                minute: minute - (i % 60) as u32 * 60,
+                plays: 1,
+                batch_id: i / PER_INSERT,
+            };
+            insert.write(&row).await.expect("row");
+        }
+        insert.end().await.expect("insert ends");
+    }
 }

@@ -105,13 +105,7 @@ impl Aggregator {
             let _ = self.child.wait();
         })
         .await;
-        let _ = topk::olap::server_client(&self.database)
-            .query(&format!(
-                "DROP DATABASE IF EXISTS {}",
-                self.database.database
-            ))
-            .execute()
-            .await;
+        common::drop_database(&self.database).await;
     }
 }
 

@@ -149,10 +149,7 @@ async fn main() {
         std::hint::black_box(naive(&client, &batch, window, 10).await);
     }
     let naive_batch = (rounds * batch.len()) as f64 / t.elapsed().as_secs_f64();
-    let _ = topk::olap::server_client(&args)
-        .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
-        .execute()
-        .await;
+    common::drop_database(&args).await;
 
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
     println!(

@@ -176,10 +176,7 @@ async fn main() {
     let baseline_s = t.elapsed().as_secs_f64();
 
     if std::env::var_os("TOPK_BENCH_KEEP").is_none() {
-        let _ = topk::olap::server_client(&args)
-            .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
-            .execute()
-            .await;
+        common::drop_database(&args).await;
     } else {
         eprintln!("kept database {}", args.database);
     }

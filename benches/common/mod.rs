@@ -31,6 +31,14 @@ pub fn clickhouse_args(prefix: &str) -> topk::config::ClickHouseArgs {
     }
 }
 
+/// Drops the database of `args` (a bench's fresh one); a failure only leaves it behind.
+pub async fn drop_database(args: &topk::config::ClickHouseArgs) {
+    let _ = topk::olap::server_client(args)
+        .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
+        .execute()
+        .await;
+}
+
 /// Inserts `rows` minute rows for `users` users spread over the 9 days before `window` ends,
 /// generated inside ClickHouse: each user repeats ~30 favourite songs out of 2,000.
 pub async fn generate_minute_rows(

@@ -104,24 +104,15 @@ impl Core {
                 });
     }
 
-    /// Processes one message of a known partition; `None` if the partition is not assigned.
-    fn process(&mut self, partition: i32, message: Message<'_>) -> Option<Outcome> {
+    /// Processes one message of a known partition, returning its outcome with the state bytes
+    /// and the flushable bytes after it; `None` if the partition is not assigned.
+    fn process(&mut self, partition: i32, message: Message<'_>) -> Option<(Outcome, u64, u64)> {
         let state = self.partitions.get_mut(&partition)?;
         let (batches, dedup) = (state.flushable_bytes(), state.dedup_bytes());
         let outcome = state.process(message);
         let (batches_now, dedup_now) = (state.flushable_bytes(), state.dedup_bytes());
         self.flushable = self.flushable + batches_now - batches;
         self.bytes = self.bytes + batches_now + dedup_now - batches - dedup;
-        Some(outcome)
-    }
-
-    /// [`Core::process`], with the state bytes and flushable bytes after it.
-    fn process_measured(
-        &mut self,
-        partition: i32,
-        message: Message<'_>,
-    ) -> Option<(Outcome, u64, u64)> {
-        let outcome = self.process(partition, message)?;
         Some((outcome, self.bytes, self.flushable))
     }
 }
@@ -504,7 +495,7 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                     let partition = message.partition();
                     let offset = u64::try_from(message.offset()).unwrap_or(0);
                     // One lock per message: a partition not held yet is resumed, then processed.
-                    let mut processed_now = consumer.context().core().process_measured(partition, view(&message));
+                    let mut processed_now = consumer.context().core().process(partition, view(&message));
                     if processed_now.is_none() {
                         let Some(state) = resume_partition(consumer.context(), partition, offset, &shutdown).await else {
                             stopping = true;
@@ -513,7 +504,7 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                         let mut core = consumer.context().core();
                         core.partitions.insert(partition, state);
                         core.recount();
-                        processed_now = core.process_measured(partition, view(&message));
+                        processed_now = core.process(partition, view(&message));
                     }
                     let Some((outcome, bytes, flushable)) = processed_now else { break };
                     let bytes = bytes + consumer.context().in_flight_bytes.load(Ordering::Relaxed);
