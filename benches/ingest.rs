@@ -18,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{env_or, unique};
+use common::{MachineCpu, env_or, unique};
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
 
@@ -42,13 +42,22 @@ async fn main() {
     eprintln!("producing {events} events to {partitions} partitions…");
     let produce_secs = common::produce(&brokers, &topic, events, users).await;
 
-    // Baseline: consume and discard.
+    let process_us = process_only(&brokers, &topic, events).await;
+    let process_us_median = {
+        let mut sorted = process_us.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    };
+
     let rounds: usize = env_or("TOPK_BENCH_ROUNDS", 3);
     let mut results = Vec::with_capacity(rounds);
     let mut ceilings = Vec::with_capacity(rounds);
     for round in 0..rounds {
+        common::settle().await;
         let baseline = baseline_round(&brokers, &topic, events).await;
+        common::settle().await;
         let (aggregator, rows) = aggregator_round(&brokers, &topic, events).await;
+        common::settle().await;
         let ceiling = ceiling_round(&brokers, &topic, events, rows).await;
         eprintln!(
             "round {round}: baseline {:.0} ev/s steady ({:.0} end to end), aggregator {:.0} ev/s steady ({:.0} end to end), ceiling (consume + insert {rows} rows) {:.0} ev/s steady",
@@ -58,9 +67,26 @@ async fn main() {
             aggregator.end_to_end,
             ceiling.steady
         );
+        eprintln!(
+            "round {round}: machine CPU per event: baseline {:.2} µs ({:.2} cores busy), aggregator {:.2} µs ({:.2}), ceiling {:.2} µs ({:.2}); processing alone {process_us_median:.2} µs",
+            baseline.cpu_us_per_event,
+            baseline.busy_cores,
+            aggregator.cpu_us_per_event,
+            aggregator.busy_cores,
+            ceiling.cpu_us_per_event,
+            ceiling.busy_cores
+        );
         results.push((baseline, aggregator));
         ceilings.push(ceiling);
     }
+    // What the machine could give an aggregator at best: its cores divided by the CPU an event
+    // costs the ceiling (broker, consumer and the rows into ClickHouse) plus the aggregator's
+    // own processing of it, measured alone on one core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bounds: Vec<f64> = ceilings
+        .iter()
+        .map(|c| cores as f64 * 1e6 / (c.cpu_us_per_event + process_us_median))
+        .collect();
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
@@ -96,28 +122,61 @@ async fn main() {
                 "steady": round3(ratio(|r| r.steady)),
                 "end_to_end": round3(ratio(|r| r.end_to_end)),
             },
-            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "machine_busy_cores": {
+                "baseline": results.iter().map(|(b, _)| round3(b.busy_cores)).collect::<Vec<_>>(),
+                "aggregator": results.iter().map(|(_, a)| round3(a.busy_cores)).collect::<Vec<_>>(),
+                "ceiling": ceilings.iter().map(|c| round3(c.busy_cores)).collect::<Vec<_>>(),
+            },
+            "machine_cpu_us_per_event": {
+                "baseline": results.iter().map(|(b, _)| round3(b.cpu_us_per_event)).collect::<Vec<_>>(),
+                "aggregator": results.iter().map(|(_, a)| round3(a.cpu_us_per_event)).collect::<Vec<_>>(),
+                "ceiling": ceilings.iter().map(|c| round3(c.cpu_us_per_event)).collect::<Vec<_>>(),
+            },
+            "process_only_us_per_event": process_us.iter().map(|&us| round3(us)).collect::<Vec<_>>(),
+            "bound_events_per_s": bounds.iter().map(|b| b.round()).collect::<Vec<_>>(),
+            "median_ratio_bound_to_baseline": round3(median(
+                results.iter().zip(&bounds).map(|((b, _), bound)| bound / b.steady).collect(),
+            )),
+            "cores": cores,
         })
     );
 }
 
+/// When a side's steady part began: the instant, the events done by then and the machine's CPU
+/// counters.
+type First = Option<(Instant, u64, MachineCpu)>;
+
 /// Rates of one side of a round: `end_to_end` from the start (group join included) to the
-/// last event, `steady` from the first event seen to the last (start-up excluded).
+/// last event, `steady` from the first event seen to the last (start-up excluded); over the
+/// steady part, the whole machine's busy cores and its CPU time per event (broker, ClickHouse
+/// and client together: they share the 2 cores).
 struct Rates {
     end_to_end: f64,
     steady: f64,
+    busy_cores: f64,
+    cpu_us_per_event: f64,
 }
 
 impl Rates {
-    fn new(events: u64, started: Instant, first: Option<(Instant, u64)>, done: Instant) -> Self {
+    fn new(events: u64, started: Instant, first: First, done: Instant) -> Self {
         let end_to_end = events as f64 / (done - started).as_secs_f64();
-        let steady = match first {
-            Some((at, seen)) if done > at && events > seen => {
-                (events - seen) as f64 / (done - at).as_secs_f64()
+        match first {
+            Some((at, seen, cpu)) if done > at && events > seen => {
+                let (cpu_seconds, busy_cores) = cpu.since();
+                Rates {
+                    end_to_end,
+                    steady: (events - seen) as f64 / (done - at).as_secs_f64(),
+                    busy_cores,
+                    cpu_us_per_event: cpu_seconds * 1e6 / (events - seen) as f64,
+                }
             }
-            _ => end_to_end,
-        };
-        Rates { end_to_end, steady }
+            _ => Rates {
+                end_to_end,
+                steady: end_to_end,
+                busy_cores: 0.0,
+                cpu_us_per_event: 0.0,
+            },
+        }
     }
 }
 
@@ -130,14 +189,14 @@ async fn baseline_round(brokers: &str, topic: &str, events: u64) -> Rates {
 
 /// Consumes `events` messages with a fresh group named after `group_prefix` and discards them;
 /// `on_first` runs when the first arrives. Returns when it started and when (and after how
-/// many) the first message came.
+/// many, with the machine's CPU counters then) the first message came.
 async fn consume_and_discard(
     brokers: &str,
     topic: &str,
     events: u64,
     group_prefix: &str,
     on_first: impl FnOnce(),
-) -> (Instant, Option<(Instant, u64)>) {
+) -> (Instant, First) {
     let consumer = topk::kafka::consumer(brokers, &unique(group_prefix)).expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let started = Instant::now();
@@ -149,7 +208,7 @@ async fn consume_and_discard(
         std::hint::black_box(&message);
         seen += 1;
         if let Some(on_first) = on_first.take() {
-            first = Some((Instant::now(), 1));
+            first = Some((Instant::now(), 1, MachineCpu::now()));
             on_first();
         }
     }
@@ -212,7 +271,7 @@ async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> (Rates, u6
             })
             .unwrap_or(0);
         if committed > 0 && first.is_none() {
-            first = Some((Instant::now(), committed));
+            first = Some((Instant::now(), committed, MachineCpu::now()));
         }
         if committed >= events {
             break;
@@ -253,6 +312,60 @@ async fn ceiling_round(brokers: &str, topic: &str, events: u64, rows: u64) -> Ra
     let rates = Rates::new(events, started, first, Instant::now());
     common::drop_database(&clickhouse).await;
     rates
+}
+
+/// The aggregator's processing alone (validate, dedup, count: [`PartitionState::process`]) of
+/// every event, one state per partition fed in the order the broker delivered them, on one
+/// thread with nothing else running: µs per event, three passes over the same messages. The
+/// messages are first consumed into memory with a fresh group (not timed). Flush row
+/// encoding is not in it (the ceiling's inserts carry that).
+async fn process_only(brokers: &str, topic: &str, events: u64) -> Vec<f64> {
+    use rdkafka::Message as _;
+    use topk_aggregator::partition::{Message, PartitionState};
+    let consumer = topk::kafka::consumer(brokers, &unique("bench_process")).expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut messages = Vec::with_capacity(events as usize);
+    while (messages.len() as u64) < events {
+        let message = consumer.recv().await.expect("message");
+        messages.push((
+            message.partition(),
+            u64::try_from(message.offset()).unwrap_or(0),
+            message.timestamp().to_millis(),
+            message.key().map(<[u8]>::to_vec),
+            message.payload().map(<[u8]>::to_vec),
+        ));
+    }
+    drop(consumer);
+    let rules = topk_aggregator::CountingRules {
+        dedup_window: Duration::from_secs(600),
+        retention: Duration::from_secs(8 * 86_400),
+    };
+    (0..3)
+        .map(|_| {
+            let mut states = std::collections::HashMap::new();
+            let started = Instant::now();
+            for (partition, offset, timestamp, key, payload) in &messages {
+                let state = states.entry(*partition).or_insert_with(|| {
+                    PartitionState::new(
+                        *partition,
+                        rules.validator(),
+                        rules.dedup_window_ms(),
+                        None,
+                        Vec::new(),
+                    )
+                });
+                std::hint::black_box(state.process(Message {
+                    offset: *offset,
+                    timestamp: *timestamp,
+                    key: key.as_deref(),
+                    payload: payload.as_deref(),
+                }));
+            }
+            let us = started.elapsed().as_secs_f64() * 1e6 / events as f64;
+            drop(std::hint::black_box(states));
+            us
+        })
+        .collect()
 }
 
 /// Inserts `rows` distinct minute rows of the last hour, 100k per insert.

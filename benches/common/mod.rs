@@ -112,3 +112,66 @@ pub async fn consume_and_discard(brokers: &str, topic: &str, events: u64) -> f64
     }
     started.elapsed().as_secs_f64()
 }
+
+/// The machine's CPU time from `/proc/stat`, for "how much of the 2 cores did a side use":
+/// machine-wide on purpose, because the broker, ClickHouse and the client share the cores.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineCpu {
+    busy: u64,
+    total: u64,
+    at: Instant,
+}
+
+impl MachineCpu {
+    /// Reads the counters now (zeros where `/proc/stat` cannot be read).
+    pub fn now() -> Self {
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<u64> = stat
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+                let total: u64 = fields.iter().take(8).sum();
+                let idle = fields.get(3)? + fields.get(4)?;
+                Some((total - idle, total))
+            })
+            .unwrap_or((0, 0));
+        MachineCpu {
+            busy,
+            total,
+            at: Instant::now(),
+        }
+    }
+
+    /// Busy core-seconds of the whole machine since `self`, and the average busy cores.
+    pub fn since(&self) -> (f64, f64) {
+        let now = MachineCpu::now();
+        let wall = (now.at - self.at).as_secs_f64();
+        let (busy, total) = (now.busy - self.busy, now.total - self.total);
+        if total == 0 || wall <= 0.0 {
+            return (0.0, 0.0);
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busy_cores = cores * busy as f64 / total as f64;
+        (busy_cores * wall, busy_cores)
+    }
+}
+
+/// Waits until the machine is quiet (under 0.2 busy cores over half a second, for at most
+/// 30 s), so that one side's aftermath (ClickHouse merging the parts just inserted, a broker
+/// cleaning up a group) is not billed to the next side.
+pub async fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let before = MachineCpu::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if before.since().1 < 0.2 {
+            return;
+        }
+    }
+}
