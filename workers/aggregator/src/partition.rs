@@ -83,7 +83,7 @@ impl PartitionState {
         if let Some(payload) = message.payload {
             if let Ok(event) = self
                 .validator
-                .validate(payload, at_or(message.timestamp, at))
+                .validate_borrowed(payload, at_or(message.timestamp, at))
             {
                 self.dedup.observe(&event.event_id, message.offset, at);
             }
@@ -115,7 +115,7 @@ impl PartitionState {
         let produced_at = at_or(message.timestamp, at);
         let outcome = match message
             .payload
-            .map(|p| self.validator.validate(p, produced_at))
+            .map(|p| self.validator.validate_borrowed(p, produced_at))
         {
             Some(Ok(event)) => match self.dedup.observe(&event.event_id, message.offset, at) {
                 Sighting::Duplicate => Outcome::Duplicate,
