@@ -33,7 +33,8 @@ fn start_worker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let (broker, topic) = common::dev_broker(4);
+    // The full version's 450k events need more partitions (see `common::dev_broker`).
+    let (broker, topic) = common::dev_broker(if common::scale() > 1 { 32 } else { 4 });
     let brokers = broker.bootstrap_servers();
     let clickhouse = common::migrated_database().await;
     let logs = tempfile::tempdir().expect("log dir");

@@ -118,7 +118,9 @@ pub fn tansu_brokers() -> String {
 }
 
 /// An in-process dev broker with a fresh topic of `partitions` partitions and its dead-letter
-/// topic; returns the broker (alive as long as the value) and the topic name.
+/// topic; returns the broker (alive as long as the value) and the topic name. librdkafka's mock
+/// keeps at most 5 MB or 100,000 messages per partition and drops the oldest beyond that
+/// (`rdkafka_mock.c`), so a test's traffic must fit: ~40k of its messages per partition.
 pub fn dev_broker(partitions: i32) -> (topk_devbroker::DevBroker, String) {
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let topic = unique("plays");
