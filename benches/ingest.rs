@@ -50,12 +50,12 @@ async fn main() {
     eprintln!("producing {events} events to {partitions} partitions…");
     let produce_secs = common::produce(&brokers, &topic, events, users).await;
 
-    let process_us = process_only(&brokers, &topic, events).await;
-    let process_us_median = {
-        let mut sorted = process_us.clone();
-        sorted.sort_by(f64::total_cmp);
-        sorted[sorted.len() / 2]
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
     };
+    let process_us = process_only(&brokers, &topic, events).await;
+    let process_us_median = median(process_us.clone());
 
     let rounds: usize = env_or("TOPK_BENCH_ROUNDS", 3);
     let mut results = Vec::with_capacity(rounds);
@@ -95,10 +95,6 @@ async fn main() {
         .iter()
         .map(|c| cores as f64 * 1e6 / (c.cpu_us_per_event + process_us_median))
         .collect();
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let ratio =
         |pick: fn(&Rates) -> f64| median(results.iter().map(|(b, a)| pick(a) / pick(b)).collect());
     let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
@@ -344,9 +340,15 @@ async fn process_only(brokers: &str, topic: &str, events: u64) -> Vec<f64> {
         ));
     }
     drop(consumer);
-    let rules = topk_aggregator::CountingRules {
-        dedup_window: Duration::from_secs(600),
-        retention: Duration::from_secs(8 * 86_400),
+    // The rules the aggregator side runs with: its defaults (and their environment overrides).
+    let rules = {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            rules: topk_aggregator::CountingRules,
+        }
+        Cli::parse_from(["bench"]).rules
     };
     (0..3)
         .map(|_| {
