@@ -276,6 +276,7 @@ pub async fn read_cached_on<C: redis::aio::ConnectionLike>(
     Ok(Some(Cached {
         answer: TopSongs {
             user_id,
+            user_id_str: user_id.to_string(),
             window: WindowJson {
                 start: start.clone(),
                 end: end.clone(),

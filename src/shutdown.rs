@@ -9,8 +9,10 @@ pub fn on_signals() -> CancellationToken {
     let fired = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown signal received");
+        // Cancel before logging: nothing the log does (a full or broken pipe) may delay or
+        // prevent the shutdown.
         fired.cancel();
+        tracing::info!("shutdown signal received");
     });
     token
 }

@@ -1,6 +1,6 @@
 //! Tracing (key/value logs to stderr, filtered by `RUST_LOG`) and the Prometheus exporter.
 
-use std::io::IsTerminal as _;
+use std::io::{self, IsTerminal as _};
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -23,11 +23,36 @@ pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        // tracing-subscriber reports a failed write with `eprintln!`, which panics when stderr
+        // itself is the broken pipe: the task that logged (the signal handler, a worker loop)
+        // would die. `LossyStderr` never fails, and this keeps the fallback quiet too.
+        .log_internal_errors(false)
         // Colours only on a terminal: a log file or a collector gets plain `key=value` fields
         // (tests and operators grep them).
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(io::stderr().is_terminal())
         .try_init();
+}
+
+/// Standard error that never fails a write. Once the log's reader is gone (`… 2>&1 | tee log`
+/// and tee exited, a collector restarted), lines are dropped and counted in
+/// `topk_log_lines_dropped_total` instead of turning into errors: losing the log reader must
+/// never stop shutdown, a flush or a request.
+struct LossyStderr;
+
+impl io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // One event is one `write_all` of its whole line, so a failure drops one line.
+        if io::stderr().write_all(buf).is_err() {
+            metrics::counter!("topk_log_lines_dropped_total").increment(1);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// Installs logging and, when an address is configured, a Prometheus `/metrics` listener.

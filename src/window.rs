@@ -74,12 +74,38 @@ pub fn rfc3339_ms(ms: i64) -> String {
     rfc3339(to_u32(ms.div_euclid(1000)))
 }
 
-/// One ranked song.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// One ranked song. On the wire it is a [`RankedSongJson`]: the id also as a decimal string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct RankedSong {
     pub rank: u32,
     pub song_id: u64,
     pub plays: u64,
+}
+
+/// The JSON of one ranked song. Ids are u64, but a JavaScript client (the widget, any browser
+/// app) parses JSON numbers as doubles, exact only up to 2^53: 2^53 + 1 would read as 2^53, so
+/// two songs could show one id. `song_id_str` is the same id in decimal, exact for every client.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = RankedSong)]
+pub struct RankedSongJson {
+    pub rank: u32,
+    pub song_id: u64,
+    /// `song_id` in decimal: exact for clients whose numbers are doubles (JavaScript).
+    #[schema(example = "9007199254740993")]
+    pub song_id_str: String,
+    pub plays: u64,
+}
+
+impl Serialize for RankedSong {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        RankedSongJson {
+            rank: self.rank,
+            song_id: self.song_id,
+            song_id_str: self.song_id.to_string(),
+            plays: self.plays,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Ranks (song, plays) pairs: plays descending, ties by song_id ascending, at most `limit`.
@@ -120,10 +146,15 @@ pub struct WindowJson {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TopSongs {
     pub user_id: u64,
+    /// `user_id` in decimal: exact for clients whose numbers are doubles (JavaScript), which
+    /// round ids above 2^53.
+    #[schema(example = "42")]
+    pub user_id_str: String,
     pub window: WindowJson,
     pub computed_at: String,
     pub source: Source,
     pub stale: bool,
+    #[schema(value_type = Vec<RankedSongJson>)]
     pub songs: Vec<RankedSong>,
 }
 
@@ -137,6 +168,7 @@ impl TopSongs {
     ) -> Self {
         TopSongs {
             user_id,
+            user_id_str: user_id.to_string(),
             window: WindowJson {
                 start: window.start_rfc3339(),
                 end: window.end_rfc3339(),

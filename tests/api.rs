@@ -113,8 +113,14 @@ fn random_plays(users: u64, now: i64) -> Vec<Play> {
     plays
 }
 
+/// The songs' JSON, written out field by field (not through the type's own `Serialize`).
 fn songs_json(songs: &[RankedSong]) -> Value {
-    serde_json::to_value(songs).expect("json")
+    songs
+        .iter()
+        .map(|s| {
+            json!({"rank": s.rank, "song_id": s.song_id, "song_id_str": s.song_id.to_string(), "plays": s.plays})
+        })
+        .collect()
 }
 
 /// The API's JSON for an answer.
@@ -128,6 +134,7 @@ fn answer_json(
 ) -> Value {
     json!({
         "user_id": user,
+        "user_id_str": user.to_string(),
         "window": {"start": window.start_rfc3339(), "end": window.end_rfc3339()},
         "computed_at": rfc3339_ms(computed_at_ms),
         "source": source,
@@ -616,13 +623,38 @@ fn artifacts() -> PathBuf {
     dir
 }
 
+/// 2^53: the first integer above which a double cannot hold every integer.
+const BIG_SONG: u64 = 1 << 53;
+
 /// Headless Chromium loads the widget of a seeded user: after its script ran, the DOM holds the
 /// user's top 10 (rank, song, plays) exactly as the oracle has them, and the freshness line; a
 /// screenshot is kept in `target/test-artifacts/widget.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn widget_renders_in_headless_chromium() {
-    let (clickhouse, now, window, plays) = seeded(2).await;
+    let (clickhouse, now, window, mut plays) = seeded(2).await;
+    // User 1's two most played songs have ids that a JSON number read as a double (JavaScript)
+    // cannot tell apart: 2^53 + 1 would show as 2^53. The widget must show both exactly.
+    let big: Vec<Play> = [(BIG_SONG + 1, 100), (BIG_SONG, 99)]
+        .into_iter()
+        .flat_map(|(song, n)| {
+            (0..n).map(move |i| Play {
+                user: 1,
+                song,
+                ts: now - (i + 2) * MINUTE,
+            })
+        })
+        .collect();
+    let store = Store::new(topk::olap::client(&clickhouse), "plays");
+    common::plays::flush(&store, &big, 1).await;
+    plays.extend(big);
     let expected = oracle(&plays, window, 10);
+    assert_eq!(
+        expected[&1][..2]
+            .iter()
+            .map(|s| s.song_id)
+            .collect::<Vec<_>>(),
+        [BIG_SONG + 1, BIG_SONG]
+    );
     let redis = common::redis_args();
     let server = Server::start(state(&redis, &clickhouse, now, settings(), None)).await;
     let url = format!("http://{}/widget/1", server.addr);
@@ -794,12 +826,16 @@ async fn openapi_documents_every_response() {
         .into_iter()
         .map(|name| (name, doc["components"]["schemas"][name]["required"].clone()))
         .collect();
-    assert_eq!(required["RankedSong"], json!(["rank", "song_id", "plays"]));
+    assert_eq!(
+        required["RankedSong"],
+        json!(["rank", "song_id", "song_id_str", "plays"])
+    );
     assert_eq!(required["ErrorBody"], json!(["error", "reason"]));
     assert_eq!(
         required["TopSongs"],
         json!([
             "user_id",
+            "user_id_str",
             "window",
             "computed_at",
             "source",
@@ -843,4 +879,49 @@ async fn graceful_shutdown_drains() {
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.ends_with(" 503"), "answered, not cut off: {out}");
     assert!(out.contains("ClickHouse failed or did not answer"), "{out}");
+}
+
+/// Every id in the answer is also a decimal string, exact where a JSON number is not (a
+/// JavaScript client reads 2^53 + 1 as 2^53, and u64::MAX as 2^64).
+#[tokio::test]
+async fn ids_above_2_53_are_also_exact_decimal_strings() {
+    let clickhouse = common::migrated_database().await;
+    let now = fixed_now();
+    let user = u64::MAX;
+    let plays: Vec<Play> = [(BIG_SONG + 1, 3), (BIG_SONG, 2), (u64::MAX, 1)]
+        .into_iter()
+        .flat_map(|(song, n)| {
+            (0..n).map(move |i| Play {
+                user,
+                song,
+                ts: now - (i + 1) * MINUTE,
+            })
+        })
+        .collect();
+    let store = Store::new(topk::olap::client(&clickhouse), "plays");
+    common::plays::flush(&store, &plays, 0).await;
+    let app = state(&common::redis_args(), &clickhouse, now, settings(), None);
+    let (status, _, body) = get(&app, &format!("/v1/users/{user}/top-songs"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id_str"], "18446744073709551615");
+    let songs: Vec<(String, u64)> = body["songs"]
+        .as_array()
+        .expect("songs")
+        .iter()
+        .map(|s| {
+            (
+                s["song_id_str"].as_str().expect("string").to_owned(),
+                s["plays"].as_u64().expect("plays"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        songs,
+        [
+            ("9007199254740993".to_owned(), 3),
+            ("9007199254740992".to_owned(), 2),
+            ("18446744073709551615".to_owned(), 1)
+        ]
+    );
+    common::drop_database(&clickhouse).await;
 }

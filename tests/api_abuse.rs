@@ -171,7 +171,7 @@ fn expected_songs() -> Value {
     let songs: Vec<Value> = (3..=12u64)
         .rev()
         .enumerate()
-        .map(|(i, song)| json!({"rank": i + 1, "song_id": song, "plays": song}))
+        .map(|(i, song)| json!({"rank": i + 1, "song_id": song, "song_id_str": song.to_string(), "plays": song}))
         .collect();
     Value::Array(songs)
 }
@@ -304,7 +304,10 @@ async fn abusive_clients_get_clean_refusals_and_the_server_stays_up_and_bounded(
     let reply = get(addr, "/v1/me/top-songs", Some(&user2)).await;
     assert_eq!(
         (reply.status, &reply.json()["songs"]),
-        (200, &json!([{"rank": 1, "song_id": 99, "plays": 1}]))
+        (
+            200,
+            &json!([{"rank": 1, "song_id": 99, "song_id_str": "99", "plays": 1}])
+        )
     );
 
     // Malformed ids and limits: 400 with a JSON reason, before any token is looked at.

@@ -62,9 +62,9 @@ async fn top_prints_the_api_json_from_clickhouse_then_from_redis() {
     assert_eq!(
         fresh["songs"],
         serde_json::json!([
-            {"rank": 1, "song_id": 7, "plays": 31},
-            {"rank": 2, "song_id": 3, "plays": 12},
-            {"rank": 3, "song_id": 9, "plays": 12},
+            {"rank": 1, "song_id": 7, "song_id_str": "7", "plays": 31},
+            {"rank": 2, "song_id": 3, "song_id_str": "3", "plays": 12},
+            {"rank": 3, "song_id": 9, "song_id_str": "9", "plays": 12},
         ])
     );
     let start = fresh["window"]["start"].as_str().expect("start");
@@ -110,7 +110,7 @@ async fn top_prints_the_api_json_from_clickhouse_then_from_redis() {
     assert_eq!(cached["computed_at"], "2026-11-29T18:00:30Z");
     assert_eq!(
         cached["songs"],
-        serde_json::json!([{"rank": 1, "song_id": 4, "plays": 2}, {"rank": 2, "song_id": 5, "plays": 1}])
+        serde_json::json!([{"rank": 1, "song_id": 4, "song_id_str": "4", "plays": 2}, {"rank": 2, "song_id": 5, "song_id_str": "5", "plays": 1}])
     );
     assert_eq!(
         json(&topk(&["top", "42", "--fresh"], &clickhouse, &redis))["source"],
@@ -186,7 +186,85 @@ async fn warmup_fills_redis_and_top_answers_from_it() {
     assert_eq!(cached["songs"], fresh["songs"]);
     assert_eq!(
         cached["songs"],
-        serde_json::json!([{"rank": 1, "song_id": 9, "plays": 5}, {"rank": 2, "song_id": 7, "plays": 3}])
+        serde_json::json!([{"rank": 1, "song_id": 9, "song_id_str": "9", "plays": 5}, {"rank": 2, "song_id": 7, "song_id_str": "7", "plays": 3}])
     );
+    common::drop_database(&clickhouse).await;
+}
+
+/// Starts `topk <args…>` with both output streams on pipes (as under `… 2>&1 | tee run.log`),
+/// waits for its first log line, then closes the reading ends (tee exited) and sends SIGTERM.
+/// A role that can no longer write its log must still stop (within a minute) and say how.
+async fn exit_on_sigterm_after_the_log_reader_is_gone(args: &[String]) -> std::process::ExitStatus {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(common::topk_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("topk starts");
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stderr.read_line(&mut first),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("`topk {}` logs within a minute", args[0]))
+    .expect("read the first log line");
+    assert!(!first.is_empty(), "`topk {}` logged nothing", args[0]);
+    drop(stderr);
+    drop(child.stdout.take());
+    let pid = child.id().expect("running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(kill.expect("kill").success());
+    tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("`topk {}` still runs a minute after SIGTERM", args[0]))
+        .expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_stop_on_sigterm_when_their_log_pipe_is_gone() {
+    let clickhouse = common::migrated_database().await;
+    let (broker, topic) = common::dev_broker(2);
+    let brokers = broker.bootstrap_servers();
+    let archive = tempfile::tempdir().expect("archive dir");
+    let kafka = [
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+    ];
+    let database = [
+        format!("--clickhouse-url={}", clickhouse.url),
+        format!("--clickhouse-database={}", clickhouse.database),
+    ];
+    let roles: [Vec<String>; 4] = [
+        vec![
+            "serve".to_owned(),
+            format!("--listen=127.0.0.1:{}", common::free_port()),
+        ],
+        [&["aggregate".to_owned()][..], &kafka, &database].concat(),
+        [
+            &["archive".to_owned()][..],
+            &kafka,
+            &[format!("--archive-url={}", archive.path().display())],
+        ]
+        .concat(),
+        [&["loadgen".to_owned(), "--rate=50".to_owned()][..], &kafka].concat(),
+    ];
+    for args in &roles {
+        let exit = exit_on_sigterm_after_the_log_reader_is_gone(args).await;
+        // The load generator ends by printing its report on stdout, which is gone too: it
+        // exits 1 with the reason (on stderr, also gone) instead of a panic's 101.
+        let expected = if args[0] == "loadgen" {
+            Some(1)
+        } else {
+            Some(0)
+        };
+        assert_eq!(exit.code(), expected, "`topk {}` exited {exit:?}", args[0]);
+    }
     common::drop_database(&clickhouse).await;
 }

@@ -22,7 +22,7 @@ use crate::top::{self, Health, Ready};
     paths(top::user_top_songs, top::my_top_songs, top::healthz, top::readyz),
     components(schemas(
         topk::window::TopSongs,
-        topk::window::RankedSong,
+        topk::window::RankedSongJson,
         topk::window::WindowJson,
         topk::window::Source,
         ErrorBody,

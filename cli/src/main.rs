@@ -113,21 +113,18 @@ async fn main() -> anyhow::Result<()> {
             let report = topk_archive::backfill::run(&args)
                 .await
                 .with_context(|| format!("backfilling from {}", args.store.url))?;
-            println!("{}", serde_json::to_string(&report)?);
+            print_line(&serde_json::to_string(&report)?)?;
         }
         Command::Migrate { clickhouse } => {
             topk::telemetry::init_logging();
             let report = topk::migrate::run(&clickhouse).await.with_context(|| {
                 format!("migrating {} at {}", clickhouse.database, clickhouse.url)
             })?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "database": clickhouse.database,
-                    "applied": report.applied,
-                    "already_applied": report.already_applied,
-                })
-            );
+            print_line(&serde_json::json!({
+                "database": clickhouse.database,
+                "applied": report.applied,
+                "already_applied": report.already_applied,
+            }))?;
         }
         Command::CreateTopics { kafka, partitions } => {
             topk::telemetry::init_logging();
@@ -135,10 +132,10 @@ async fn main() -> anyhow::Result<()> {
             topk::kafka::ensure_topics(&kafka.brokers, &[&kafka.topic, &dlq], partitions)
                 .await
                 .with_context(|| format!("creating topics on {}", kafka.brokers))?;
-            println!(
+            print_line(&format!(
                 "topics {} and {dlq} ready with {partitions} partitions",
                 kafka.topic
-            );
+            ))?;
         }
         Command::DevBroker(args) => {
             topk::telemetry::init_logging();
@@ -153,10 +150,9 @@ async fn main() -> anyhow::Result<()> {
             let sent = topk_loadgen::run(args, shutdown)
                 .await
                 .context("load generator failed")?;
-            println!(
-                "{}",
-                serde_json::json!({"plays": sent.plays, "duplicates": sent.duplicates, "malformed": sent.malformed})
-            );
+            print_line(
+                &serde_json::json!({"plays": sent.plays, "duplicates": sent.duplicates, "malformed": sent.malformed}),
+            )?;
         }
         Command::Top {
             user_id,
@@ -199,19 +195,19 @@ async fn main() -> anyhow::Result<()> {
                     )
                 }
             };
-            println!("{}", serde_json::to_string(&answer)?);
+            print_line(&serde_json::to_string(&answer)?)?;
         }
         Command::Rollup { all, clickhouse } => {
             topk::telemetry::init_logging();
             let client = topk::olap::client(&clickhouse);
             let report = topk_maintenance::rollup(&client, &topk::clock::SystemClock, all).await?;
-            println!("{}", serde_json::to_string(&report)?);
+            print_line(&serde_json::to_string(&report)?)?;
         }
         Command::Prune { clickhouse } => {
             topk::telemetry::init_logging();
             let client = topk::olap::client(&clickhouse);
             let report = topk_maintenance::prune(&client, &topk::clock::SystemClock).await?;
-            println!("{}", serde_json::to_string(&report)?);
+            print_line(&serde_json::to_string(&report)?)?;
         }
         Command::Maintain(args) => {
             topk::telemetry::init(&args.telemetry).context("starting telemetry")?;
@@ -238,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
             let report = topk_refresher::run_warmup(*args, topk::clock::system(), shutdown)
                 .await
                 .context("warm-up failed")?;
-            println!("{}", serde_json::to_string(&report)?);
+            print_line(&serde_json::to_string(&report)?)?;
             if !report.complete || report.failed > 0 {
                 anyhow::bail!(
                     "warm-up incomplete ({} users failed, interrupted: {}); re-run it",
@@ -249,6 +245,16 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints one line of a command's result on stdout. A closed stdout (`topk top 42 | head -c 1`)
+/// is an error with its reason, not `println!`'s panic.
+fn print_line(line: &dyn std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("writing the result to stdout")
 }
 
 #[cfg(test)]
