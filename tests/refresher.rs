@@ -773,6 +773,224 @@ async fn warmup_and_racing_refreshers_never_regress() {
     common::drop_database(&env.clickhouse).await;
 }
 
+/// A warm-up of many users runs for tens of minutes; a refresher goes on meanwhile. Each page
+/// computes at its own instant, so no page stores an answer older than what the refresher
+/// already decided: here a user the refresher emptied (its tombstone then expired, so the guard
+/// has no version left to refuse with) is not brought back by a later page, and every stored
+/// answer is the query module's at its stored `computed_at`, with the version of the newest
+/// computation (refresher or page).
+#[tokio::test]
+async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
+    let env = env(common::redis_args()).await;
+    let prefix = env.redis_args.prefix.as_str();
+    let t = common::workload::now_ms();
+    let clock = ManualClock::at(t);
+    // The minute of `t`, so that plays sit at known distances from the window's start.
+    let minute = t.div_euclid(MINUTE) * MINUTE;
+    let window_days = 7 * DAY;
+    let mut plays = vec![
+        // User 1: well inside the window for the whole test.
+        Play {
+            user: 1,
+            song: 11,
+            ts: t - DAY,
+        },
+        Play {
+            user: 1,
+            song: 11,
+            ts: t - DAY + 1,
+        },
+        Play {
+            user: 1,
+            song: 12,
+            ts: t - 2 * DAY,
+        },
+        // User 2: one play in the window's third minute: it leaves the window 2 minutes after
+        // `t`, and user 2 has no plays left.
+        Play {
+            user: 2,
+            song: 21,
+            ts: minute - window_days + 3 * MINUTE,
+        },
+        // User 3: inside; gains a play below.
+        Play {
+            user: 3,
+            song: 31,
+            ts: t - DAY,
+        },
+        // User 4: one play leaving the window about 14 minutes after `t`, one staying.
+        Play {
+            user: 4,
+            song: 41,
+            ts: minute - window_days + 15 * MINUTE,
+        },
+        Play {
+            user: 4,
+            song: 41,
+            ts: minute - window_days + 15 * MINUTE + 1,
+        },
+        Play {
+            user: 4,
+            song: 42,
+            ts: t - DAY,
+        },
+    ];
+    flush(&env.store, &plays, 0).await;
+    let settings = settings();
+    let refresh = Refresh::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let mut conn = env.redis.get().await.expect("connection");
+    let mut warmup = topk_refresher::Warmup::new(&refresh, &env.client, &clock, 1);
+
+    // Each user's answer in Redis: the query module's (and the oracle's) at the given version,
+    // stored with it; `None`: no answer at all.
+    let expect = |plays: Vec<Play>, want: [Option<i64>; 4], phase: &'static str| {
+        let env = &env;
+        async move {
+            for (user, version) in (1..=4).zip(want) {
+                let cached = env
+                    .redis
+                    .read_top(prefix, user, MAX_LIMIT)
+                    .await
+                    .expect("read");
+                let Some(version) = version else {
+                    assert_eq!(cached, None, "{phase}: user {user} has no answer");
+                    continue;
+                };
+                let window = Window::at(version);
+                let exact = env
+                    .query
+                    .top_for_users(&[user], window, MAX_LIMIT)
+                    .await
+                    .expect("query")
+                    .remove(&user)
+                    .unwrap_or_default();
+                let oracle = oracle(&plays, window, MAX_LIMIT)
+                    .remove(&user)
+                    .unwrap_or_default();
+                assert_eq!(
+                    exact, oracle,
+                    "{phase}: query module vs oracle, user {user}"
+                );
+                let cached = cached.unwrap_or_else(|| panic!("{phase}: user {user} not cached"));
+                assert_eq!(
+                    (cached.computed_at, cached.window.start, cached.window.end),
+                    (
+                        rfc3339_ms(version),
+                        window.start_rfc3339(),
+                        window.end_rfc3339()
+                    ),
+                    "{phase}: user {user}'s version"
+                );
+                assert_eq!(cached.songs, exact, "{phase}: user {user}'s answer");
+            }
+        }
+    };
+    let page = |users: &[u64], at: i64, written: u64| topk_refresher::WarmupPage {
+        users: users.to_vec(),
+        window: Window::at(at),
+        computed_at_ms: at,
+        refreshed: topk_refresher::Refreshed {
+            written,
+            ..Default::default()
+        },
+    };
+
+    // Page 1 at `t`: user 1.
+    let first = warmup.page().await.expect("page").expect("a page");
+    expect(plays.clone(), [Some(t), None, None, None], "page 1").await;
+    assert_eq!(first, page(&[1], t, 1));
+
+    // Ten minutes later user 3 played again, and the refresher's first cycle recomputes
+    // everyone: user 2's play has left the window, its answer is emptied, and the tombstone
+    // expires before the warm-up reaches user 2.
+    clock.set(t + 10 * MINUTE);
+    let more = [Play {
+        user: 3,
+        song: 32,
+        ts: t + 5 * MINUTE,
+    }];
+    flush(&env.store, &more, 100).await;
+    plays.extend(more);
+    let cycle = refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(
+        (
+            cycle.users,
+            cycle.refreshed.written,
+            cycle.refreshed.emptied
+        ),
+        (4, 3, 1),
+        "{cycle:?}"
+    );
+    wait_for_no_keys(&mut conn, prefix, 2).await;
+    let t10 = t + 10 * MINUTE;
+    let at_t10 = oracle(&plays, Window::at(t10), MAX_LIMIT);
+    assert_eq!(
+        (at_t10.get(&2), &at_t10[&3], &at_t10[&4]),
+        (
+            None,
+            &songs(&[(31, 1), (32, 1)]),
+            &songs(&[(41, 2), (42, 1)])
+        ),
+        "the scenario's answers at t + 10 min"
+    );
+    expect(
+        plays.clone(),
+        [Some(t10), None, Some(t10), Some(t10)],
+        "refreshed",
+    )
+    .await;
+
+    // Page 2, ten minutes on: user 2 has no plays in this page's window, so the page is user 3,
+    // newer than the refresher's answer. (Computed against the window at the warm-up's start,
+    // user 2 would be brought back with its old play, at a version nothing refuses any more.)
+    clock.set(t + 20 * MINUTE);
+    let second = warmup.page().await.expect("page").expect("a page");
+    expect(
+        plays.clone(),
+        [Some(t10), None, Some(t + 20 * MINUTE), Some(t10)],
+        "page 2",
+    )
+    .await;
+    assert_eq!(second, page(&[3], t + 20 * MINUTE, 1));
+
+    // Page 3: user 4, whose first song has left the window since the refresher stored it.
+    clock.set(t + 30 * MINUTE);
+    let third = warmup.page().await.expect("page").expect("a page");
+    let t30 = Window::at(t + 30 * MINUTE);
+    assert_eq!(
+        oracle(&plays, t30, MAX_LIMIT)[&4],
+        songs(&[(42, 1)]),
+        "user 4's song 41 left"
+    );
+    expect(
+        plays.clone(),
+        [
+            Some(t10),
+            None,
+            Some(t + 20 * MINUTE),
+            Some(t + 30 * MINUTE),
+        ],
+        "page 3",
+    )
+    .await;
+    assert_eq!(third, page(&[4], t + 30 * MINUTE, 1));
+
+    clock.set(t + 40 * MINUTE);
+    assert_eq!(warmup.page().await.expect("page"), None);
+    assert_eq!(
+        warmup.report(),
+        &topk_refresher::WarmupReport {
+            users: 3,
+            written: 3,
+            complete: true,
+            ..Default::default()
+        }
+    );
+    assert_eq!(warmup.page().await.expect("page"), None, "done stays done");
+    common::drop_database(&env.clickhouse).await;
+}
+
 /// A ClickHouse that does not answer: the cycle fails without moving its cursors and the
 /// refresher goes on; nothing in Redis changes. Then the users come back exact.
 #[tokio::test]

@@ -5,7 +5,8 @@
 //!
 //! - [`changes`]: which users may have a new answer (touched by a flush; window moved);
 //! - [`refresh`]: recomputing a set of users with the batch query, and the refresher's cursors;
-//! - [`warmup`]: every user with plays in the window, paged, with progress;
+//! - [`warmup`]: every user with plays in the window, paged (each page at its own instant),
+//!   with progress;
 //! - [`events`]: the log line and metric of each event;
 //! - [`run`]: a cycle every `--refresh-interval` until shutdown.
 //!
@@ -29,7 +30,7 @@ use topk::clock::SharedClock;
 use topk::config::{ClickHouseArgs, RedisArgs, TelemetryArgs};
 
 pub use refresh::{CycleReport, Refresh, Refreshed, Refresher};
-pub use warmup::{WarmupReport, warmup};
+pub use warmup::{Warmup, WarmupPage, WarmupReport, warmup};
 
 /// Errors of the refresher and the warm-up.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +69,8 @@ pub struct RefreshSettings {
     #[arg(long, env = "TOPK_REFRESH_KEY_TTL", default_value = "8d", value_parser = duration)]
     pub key_ttl: Duration,
     /// How long the tombstone of an emptied answer keeps its version, so that an older answer
-    /// still in flight cannot bring the user back. Longer than any computation takes.
+    /// still in flight cannot bring the user back. Longer than any computation takes (a cycle, a
+    /// warm-up page: from its `now` to its last write).
     #[arg(long, env = "TOPK_REFRESH_TOMBSTONE_TTL", default_value = "15m", value_parser = duration)]
     pub tombstone_ttl: Duration,
     /// Overlap of consecutive reads of the users touched by flushes: longer than an insert into

@@ -3,9 +3,13 @@
 //!
 //! Users are read in pages of ascending id (`user_id > last`, served by the primary key), each
 //! page refreshed through the same path as the refresher, so ClickHouse sees at most
-//! `--concurrency` batch queries at a time. Interrupting is safe (every stored answer is
-//! complete), and so is re-running: a later run carries a later version and the script's guard
-//! makes racing with a refresher harmless either way.
+//! `--concurrency` batch queries at a time. Each page reads `now` right before its queries and
+//! takes its window and version from it: a page is a refresher cycle over its users at that
+//! instant, never an answer older than the data read (a warm-up of many users runs for tens of
+//! minutes; one version for all of it would store answers older than what a refresher already
+//! stored or emptied). Interrupting is safe (every stored answer is complete), and so is
+//! re-running: the script's guard makes racing with a refresher harmless either way
+//! (ARCHITECTURE.md, "The refresher").
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -79,8 +83,87 @@ impl Progress {
     }
 }
 
-/// Refreshes every user with plays in the current window, a page of `page_size` users at a time,
-/// until done or `shutdown`.
+/// One page of a warm-up: its users, and the instant it computed them at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmupPage {
+    pub users: Vec<u64>,
+    pub window: Window,
+    pub computed_at_ms: i64,
+    pub refreshed: Refreshed,
+}
+
+/// A warm-up in progress, one [`Warmup::page`] at a time (what [`warmup`] loops over; tests
+/// step it to interleave refresher cycles between pages).
+#[derive(Debug)]
+pub struct Warmup<'a> {
+    refresh: &'a Refresh,
+    client: &'a clickhouse::Client,
+    clock: &'a dyn Clock,
+    page_size: usize,
+    /// The last user of the previous page.
+    after: Option<u64>,
+    report: WarmupReport,
+}
+
+impl<'a> Warmup<'a> {
+    pub fn new(
+        refresh: &'a Refresh,
+        client: &'a clickhouse::Client,
+        clock: &'a dyn Clock,
+        page_size: usize,
+    ) -> Self {
+        Warmup {
+            refresh,
+            client,
+            clock,
+            page_size: page_size.max(1),
+            after: None,
+            report: WarmupReport::default(),
+        }
+    }
+
+    /// Reads and refreshes the next page; `None` once every user has been done (the report is
+    /// then complete). Dropping the future in the middle leaves the warm-up where it was: the
+    /// next call does the same page again.
+    pub async fn page(&mut self) -> Result<Option<WarmupPage>, RefreshError> {
+        if self.report.complete {
+            return Ok(None);
+        }
+        // This page's own `now`, read before its queries: the version never claims data newer
+        // than what is read, and is as new as the data (a version taken at the start of the
+        // warm-up would lose, or win after a tombstone expired, against what a refresher
+        // decided from newer data in between).
+        let computed_at_ms = self.clock.now_ms();
+        let window = Window::at(computed_at_ms);
+        let users = changes::users_page(self.client, window, self.after, self.page_size).await?;
+        let Some(&last) = users.last() else {
+            self.report.complete = true;
+            return Ok(None);
+        };
+        let refreshed = self.refresh.users(&users, window, computed_at_ms).await;
+        let report = &mut self.report;
+        report.users += users.len() as u64;
+        report.written += refreshed.written;
+        report.emptied += refreshed.emptied;
+        report.refused += refreshed.refused;
+        report.failed += refreshed.failed.len() as u64;
+        self.after = Some(last);
+        Ok(Some(WarmupPage {
+            users,
+            window,
+            computed_at_ms,
+            refreshed,
+        }))
+    }
+
+    /// What the pages done so far did.
+    pub fn report(&self) -> &WarmupReport {
+        &self.report
+    }
+}
+
+/// Refreshes every user with plays in the window, a page of `page_size` users at a time (each
+/// page at its own instant), until done or `shutdown`.
 pub async fn warmup(
     refresh: &Refresh,
     client: &clickhouse::Client,
@@ -88,34 +171,20 @@ pub async fn warmup(
     page_size: usize,
     shutdown: CancellationToken,
 ) -> Result<WarmupReport, RefreshError> {
-    let computed_at_ms = clock.now_ms();
-    let window = Window::at(computed_at_ms);
-    let estimate = changes::users_estimate(client, window).await?;
+    // Only the progress bar's length: the pages read their own window.
+    let estimate = changes::users_estimate(client, Window::at(clock.now_ms())).await?;
     let mut progress = Progress::new(estimate);
-    let mut report = WarmupReport::default();
-    let mut after = None;
+    let mut pages = Warmup::new(refresh, client, clock, page_size);
     loop {
         let page = tokio::select! {
             _ = shutdown.cancelled() => break,
-            page = changes::users_page(client, window, after, page_size.max(1)) => page?,
+            page = pages.page() => page?,
         };
-        let Some(&last) = page.last() else {
-            report.complete = true;
-            break;
-        };
-        let refreshed: Refreshed = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            done = refresh.users(&page, window, computed_at_ms) => done,
-        };
-        report.users += page.len() as u64;
-        report.written += refreshed.written;
-        report.emptied += refreshed.emptied;
-        report.refused += refreshed.refused;
-        report.failed += refreshed.failed.len() as u64;
-        progress.advance(report.users, page.len() as u64);
-        after = Some(last);
+        let Some(page) = page else { break };
+        progress.advance(pages.report().users, page.users.len() as u64);
     }
     progress.finish();
+    let report = pages.report().clone();
     events::warmup_done(&report);
     Ok(report)
 }
