@@ -5,8 +5,10 @@
 //! Exactness: days entirely inside the window are read from `plays_daily` when they are clean
 //! (rolled up after the last flush that touched them); every other minute of the window (the
 //! partial first and last day, and dirty days) comes from `plays_minute`. Both tables are read
-//! with FINAL, which collapses replayed flushes and re-run rollups (ARCHITECTURE.md). Nothing is
-//! truncated: every song of the user in the window takes part in the ranking.
+//! with FINAL, which collapses replayed flushes and re-run rollups, and a clean day only in rows
+//! of its certified rollup version or newer, so a key an older rollup still holds but the
+//! minutes no longer do is not counted (ARCHITECTURE.md). Nothing is truncated: every song of
+//! the user in the window takes part in the ranking.
 //!
 //! SQL is assembled only from integers and from dates formatted here, never from request text.
 
@@ -121,28 +123,56 @@ impl TopQuery {
     /// clean days from `plays_daily`, every other minute from `plays_minute`. The minute rows
     /// are selected by explicit time ranges so ClickHouse prunes the day partitions the rollup
     /// answers (a `NOT IN` on the day would read them all).
+    ///
+    /// A clean day is read only from rows of its certified rollup version or newer: a key that
+    /// vanished from the minute rows before that rollup (a backfill's `REPLACE`, a prune, an
+    /// erasure) has no row in it, and `FINAL` would otherwise still show the key's row from an
+    /// older rollup (ReplacingMergeTree never deletes a key). With the filter a rolled-up day
+    /// reads exactly as its minute rows did when the rollup started (ARCHITECTURE.md).
     fn window_rows_sql(window: Window, clean: &[CleanDay], users_sql: &str) -> String {
         let clean_days: Vec<u32> = clean.iter().map(|c| c.day).collect();
-        let ranges = minute_ranges(window, &clean_days)
-            .iter()
-            .map(|(from, to)| {
-                format!("(minute >= toDateTime({from}) AND minute < toDateTime({to}))")
-            })
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        let minutes = format!(
-            "SELECT user_id, song_id, plays FROM plays_minute FINAL \
-             WHERE user_id IN ({users_sql}) AND ({ranges})"
-        );
-        if clean_days.is_empty() {
-            return minutes;
+        let mut parts = Vec::with_capacity(2);
+        if !clean.is_empty() {
+            let days = date_list(&clean_days);
+            let versions = clean
+                .iter()
+                .map(|c| {
+                    format!(
+                        "(day = {} AND version >= {})",
+                        date_literal(c.day),
+                        c.version
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            // `day IN` as well as the per-day versions: the key condition prunes with it.
+            parts.push(format!(
+                "SELECT user_id, song_id, plays FROM plays_daily FINAL \
+                 WHERE user_id IN ({users_sql}) AND day IN ({days}) AND ({versions})"
+            ));
         }
-        let days = date_list(&clean_days);
-        format!(
-            "SELECT user_id, song_id, plays FROM plays_daily FINAL \
-             WHERE user_id IN ({users_sql}) AND day IN ({days}) \
-             UNION ALL {minutes}"
-        )
+        let ranges = minute_ranges(window, &clean_days);
+        // At 23:59 UTC the window is exactly seven full days: when all of them are clean there
+        // is no minute left to read, and an empty `AND ()` would be invalid SQL.
+        if !ranges.is_empty() || parts.is_empty() {
+            let ranges = ranges
+                .iter()
+                .map(|(from, to)| {
+                    format!("(minute >= toDateTime({from}) AND minute < toDateTime({to}))")
+                })
+                .collect::<Vec<_>>();
+            // Only for an empty window (never built by `Window::at`): a valid query of no rows.
+            let ranges = if ranges.is_empty() {
+                "0".to_owned()
+            } else {
+                ranges.join(" OR ")
+            };
+            parts.push(format!(
+                "SELECT user_id, song_id, plays FROM plays_minute FINAL \
+                 WHERE user_id IN ({users_sql}) AND ({ranges})"
+            ));
+        }
+        parts.join(" UNION ALL ")
     }
 
     /// The top-K SQL over the window's rows.

@@ -544,3 +544,197 @@ async fn an_s3_outage_is_waited_out_without_loss() {
     moto.start_kill().expect("stop moto");
     moto.wait().await.expect("reaped");
 }
+
+/// The exact answers of every user with plays in `window`, ranked from the minute rows alone
+/// (no rollup): what the query module and Redis must equal.
+async fn minute_answers(
+    clickhouse: &topk::config::ClickHouseArgs,
+    window: topk::window::Window,
+) -> BTreeMap<u64, Vec<topk::window::RankedSong>> {
+    let rows: Vec<(u64, u64, u64)> = topk::olap::client(clickhouse)
+        .query(&format!(
+            "SELECT user_id, song_id, sum(plays) FROM plays_minute FINAL \
+             WHERE minute >= toDateTime({}) AND minute < toDateTime({}) \
+             GROUP BY user_id, song_id",
+            window.start, window.end
+        ))
+        .fetch_all()
+        .await
+        .expect("minute rows");
+    let mut by_user: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    for (user, song, plays) in rows {
+        by_user.entry(user).or_default().push((song, plays));
+    }
+    by_user
+        .into_iter()
+        .map(|(user, plays)| (user, topk::window::rank(plays, topk::window::MAX_LIMIT)))
+        .collect()
+}
+
+/// Issue 16, item 7. A backfill changes counts behind the refresher's back: it must write a
+/// `user_touches` row for every user whose counts it replaced (present in the days before the
+/// replace, whose rows may have vanished, or after it), so that the next refresher cycle
+/// recomputes exactly them; and once the replaced days are rolled up again, a (user, song, day)
+/// the backfill removed must not be read from the day's older rollup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backfill_is_refreshed_and_its_rolled_up_days_forget_what_it_removed() {
+    use topk::clock::ManualClock;
+    use topk::query::TopQuery;
+    use topk::window::{MAX_LIMIT, Window};
+
+    let (broker, topic) = common::dev_broker(2);
+    let brokers = broker.bootstrap_servers();
+    let clickhouse = common::migrated_database().await;
+    let client = topk::olap::client(&clickhouse);
+    let dir = tempfile::tempdir().expect("archive dir");
+    let store = store_flags(&dir.path().display().to_string(), None);
+    let mut load = Workload::new();
+    let now = workload::now_ms();
+    load.add(&mut workload::rng("backfill-refresh"), 2_000, now, MIX);
+    workload::produce(&brokers, &topic, &load.messages).await;
+    let group = common::unique("aggregator");
+    archive_and_aggregate(&brokers, &topic, &store, &clickhouse, &load, &group).await;
+
+    // Counts the archive does not back (as a faulty writer would have left them), at noon of a
+    // full day of the window: a user with nothing else, and a song of a real user.
+    let clock = ManualClock::at(now);
+    let window = Window::at(now);
+    let day = window.full_days().nth(3).expect("a full day");
+    let noon = (i64::from(day) + 43_200) * 1000;
+    // The real user is the one with the most plays, surely in the window.
+    let real = load
+        .truth
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .expect("plays")
+        .0
+        .0;
+    let phantom = 1_000_001u64;
+    let extra: Vec<common::plays::Play> = (0..5)
+        .flat_map(|i| {
+            [(phantom, 77), (real, 999_999)].map(|(user, song)| common::plays::Play {
+                user,
+                song,
+                ts: noon + i * common::plays::MINUTE,
+            })
+        })
+        .collect();
+    let writer = topk_aggregator::store::Store::new(client.clone(), &topic);
+    common::plays::flush(&writer, &extra, 1 << 40).await;
+
+    // Touches and rollup starts are server seconds: wait a second so that the rollup finds
+    // every day clean and the refresher's first cursor is after every touch written so far.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let rolled = topk_maintenance::rollup(&client, &clock, false)
+        .await
+        .expect("rollup");
+    assert_eq!(rolled.days.len(), window.full_days().count());
+    let redis_args = common::redis_args();
+    let redis = topk::cache::Redis::connect(&redis_args).expect("redis");
+    let settings = topk_refresher::RefreshSettings {
+        batch_size: 100,
+        concurrency: 2,
+        key_ttl: Duration::from_secs(8 * 24 * 3600),
+        tombstone_ttl: Duration::from_secs(600),
+        // No overlap with the previous cycle: the second cycle sees only what came after the
+        // first, i.e. the backfill's touches.
+        touch_margin: Duration::ZERO,
+        catch_up: Duration::from_secs(3600),
+    };
+    let mut refresher = topk_refresher::Refresher::new(
+        client.clone(),
+        redis.clone(),
+        &redis_args.prefix,
+        &settings,
+    );
+    refresher.cycle(&clock).await.expect("first cycle");
+    let cached = |user: u64| {
+        let (redis, prefix) = (redis.clone(), redis_args.prefix.clone());
+        async move {
+            redis
+                .read_top(&prefix, user, MAX_LIMIT)
+                .await
+                .expect("read")
+                .map(|answer| answer.songs)
+        }
+    };
+    let phantom_songs: Vec<u64> = cached(phantom)
+        .await
+        .expect("the phantom user is cached")
+        .iter()
+        .map(|s| s.song_id)
+        .collect();
+    assert_eq!(phantom_songs, [77]);
+
+    // The backfill replaces every day of the range with the archive's counts: the extra plays
+    // are gone from the minutes.
+    let up_to = [format!("--up-to-group={group}")];
+    let args = backfill_args(&brokers, &topic, &store, &clickhouse, &up_to);
+    let report = topk_archive::backfill::run(&args).await.expect("backfill");
+    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+    let users: std::collections::BTreeSet<u64> = load.truth.keys().map(|&(u, _)| u).collect();
+    assert!(users.contains(&real) && !users.contains(&phantom));
+    assert_eq!(
+        report.users_touched,
+        users.len() as u64 + 1,
+        "every user of the archive, and the user whose rows vanished"
+    );
+
+    // The next cycle recomputes exactly those users, and Redis equals the minute rows.
+    let second = refresher.cycle(&clock).await.expect("second cycle");
+    assert_eq!(
+        second.users,
+        users.len() + 1,
+        "the users the backfill touched"
+    );
+    let expected = minute_answers(&clickhouse, window).await;
+    assert!(!expected.contains_key(&phantom));
+    assert!(
+        !expected[&real].iter().any(|s| s.song_id == 999_999),
+        "the real user's extra song is gone"
+    );
+    assert_eq!(
+        cached(phantom).await,
+        None,
+        "the phantom user's answer is gone"
+    );
+    for (&user, want) in &expected {
+        assert_eq!(
+            cached(user).await.as_ref(),
+            Some(want),
+            "Redis, user {user}"
+        );
+    }
+
+    // The replaced days are dirty, then rolled up again: read from the new rollups, the
+    // removed (user, song, day) keys stay removed.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let again = topk_maintenance::rollup(&client, &clock, false)
+        .await
+        .expect("rollup again");
+    assert_eq!(again.days.len(), window.full_days().count());
+    let query = TopQuery::new(client.clone());
+    let clean = query.clean_days(window).await.expect("clean days");
+    assert_eq!(
+        clean.len(),
+        window.full_days().count(),
+        "every day clean again"
+    );
+    let mut all: Vec<u64> = expected.keys().copied().collect();
+    all.push(phantom);
+    for _ in 0..2 {
+        // Twice: the first call re-runs with the clean days it finds, the second assumes them.
+        let answers = query
+            .top_for_users(&all, window, MAX_LIMIT)
+            .await
+            .expect("query");
+        assert_eq!(answers[&phantom], [], "the phantom user has no plays");
+        for (&user, want) in &expected {
+            assert_eq!(
+                &answers[&user], want,
+                "query module from rollups, user {user}"
+            );
+        }
+    }
+    common::drop_database(&clickhouse).await;
+}

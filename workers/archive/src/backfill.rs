@@ -8,7 +8,7 @@
 //! day). Whatever the aggregator wrote for those days is gone, so nothing counts twice, and a
 //! second run replaces the days with identical rows. See ARCHITECTURE.md, "Backfill".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use topk::event::MAX_FUTURE_MS;
 use topk_aggregator::partition::{Message, Outcome};
-use topk_aggregator::store::PlayRow;
+use topk_aggregator::store::{PlayRow, UserTouchRow};
 
 use crate::BackfillArgs;
 use crate::events;
@@ -89,6 +89,9 @@ pub struct BackfillReport {
     pub rejected: u64,
     /// Rows written to `plays_minute`.
     pub rows: u64,
+    /// Users given a `user_touches` row: those with counts in the replaced days before the
+    /// replace or after it, so that the refresher recomputes every answer the backfill changed.
+    pub users_touched: u64,
     /// Places where offsets were missing between two objects.
     pub gaps: u64,
 }
@@ -200,7 +203,9 @@ pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
     report.plays = cells.values().sum();
 
     let days: Vec<i64> = (since_s..until_s).step_by(DAY_SECS as usize).collect();
-    report.rows = replace_days(&topk::olap::client(&args.clickhouse), &days, cells).await?;
+    let replaced = replace_days(&topk::olap::client(&args.clickhouse), &days, cells).await?;
+    report.rows = replaced.rows;
+    report.users_touched = replaced.users_touched;
     report.days = days
         .iter()
         .map(|&d| {
@@ -342,14 +347,22 @@ async fn committed_offsets(
     })
 }
 
+/// What the ClickHouse side of a backfill wrote.
+#[derive(Debug, Clone, Copy)]
+struct Replaced {
+    rows: u64,
+    users_touched: u64,
+}
+
 /// Writes `cells` to a staging table and replaces each day partition of `plays_minute` with
 /// the staging one (an empty day too: its partition is then dropped). Marks the days touched so
-/// their rollups are recomputed. Returns the rows written.
+/// their rollups are recomputed, then the users whose counts were replaced so the refresher
+/// recomputes their answers.
 async fn replace_days(
     client: &clickhouse::Client,
     days: &[i64],
     cells: Cells,
-) -> Result<u64, BackfillError> {
+) -> Result<Replaced, BackfillError> {
     let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64;
     let staging = format!(
         "plays_minute_backfill_{:016x}",
@@ -369,12 +382,28 @@ async fn write_and_replace(
     staging: &str,
     days: &[i64],
     cells: Cells,
-) -> Result<u64, clickhouse::error::Error> {
+) -> Result<Replaced, clickhouse::error::Error> {
     client
         .query(&format!("CREATE TABLE {staging} AS plays_minute"))
         .execute()
         .await?;
     let rows = cells.len() as u64;
+    // Every user whose counts in these days the replace may change: those with rows there now
+    // (their rows may vanish: plays the archive does not hold, or that it decides otherwise) and
+    // those with rows after it. Read before the first replace; nothing else writes these days
+    // while a backfill runs (ARCHITECTURE.md, "Backfill", limits).
+    let mut users: BTreeSet<u64> = cells.keys().map(|&(user, _, _)| user).collect();
+    if let (Some(&first), Some(&last)) = (days.first(), days.last()) {
+        let end = last + DAY_SECS;
+        let before: Vec<u64> = client
+            .query(&format!(
+                "SELECT DISTINCT user_id FROM plays_minute \
+                 WHERE minute >= toDateTime({first}) AND minute < toDateTime({end})"
+            ))
+            .fetch_all()
+            .await?;
+        users.extend(before);
+    }
     let mut insert = client.insert::<PlayRow>(staging).await?;
     for ((user_id, song_id, minute), plays) in cells {
         insert
@@ -409,7 +438,21 @@ async fn write_and_replace(
         ))
         .execute()
         .await?;
-    Ok(rows)
+    // Then the users, as the aggregator does: the refresher finds changed answers only through
+    // `user_touches` and the window's movement. After the day touches, so that a recomputation
+    // these touches trigger never reads a replaced day from its old rollup.
+    let users_touched = users.len() as u64;
+    if !users.is_empty() {
+        let mut insert = client.insert::<UserTouchRow>("user_touches").await?;
+        for user_id in users {
+            insert.write(&UserTouchRow { user_id }).await?;
+        }
+        insert.end().await?;
+    }
+    Ok(Replaced {
+        rows,
+        users_touched,
+    })
 }
 
 /// `toYYYYMMDD` of a day start: the partition of `plays_minute` holding that day.

@@ -4,7 +4,9 @@
 //! Order of a day's rollup: read the server clock (`started_at`), rewrite the day's rows from
 //! `plays_minute FINAL` under a new version, then log the rollup. A crash in between leaves the
 //! day dirty (queries read its minute rows) or, when it was clean already, rewrites identical
-//! content; a re-run never double counts because readers use `plays_daily FINAL`.
+//! content; a re-run never double counts because readers use `plays_daily FINAL`. A key that left
+//! the minutes gets no row in the new version, and readers skip the older versions' rows of a
+//! clean day (`version >= ` the certified one), so the day reads as its minutes do.
 
 use clickhouse::Client;
 use serde::Serialize;
