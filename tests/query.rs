@@ -388,3 +388,34 @@ async fn a_rolled_up_day_forgets_keys_that_left_its_minutes() {
     check(&query, &plays, &users, window, "after a full re-run").await;
     common::drop_database(&clickhouse).await;
 }
+
+/// Retention is the one step that cannot be undone: a maintenance host whose clock runs a month
+/// ahead must not drop days that are still inside the window by ClickHouse's clock.
+#[tokio::test]
+async fn prune_drops_nothing_on_a_host_clock_running_ahead() {
+    let clickhouse = common::migrated_database().await;
+    let client = topk::olap::client(&clickhouse);
+    let store = Store::new(client.clone(), "plays");
+    let now = common::workload::now_ms();
+    let window = Window::at(now);
+    let plays: Vec<Play> = (1..=3)
+        .flat_map(|day| {
+            (0..5).map(move |i| Play {
+                user: 1,
+                song: day as u64,
+                ts: now - day * DAY - i * MINUTE,
+            })
+        })
+        .collect();
+    write(&store, &plays, 0, false).await;
+    let query = TopQuery::new(client.clone());
+    check(&query, &plays, &[1], window, "before prune").await;
+
+    let ahead = ManualClock::at(now + 30 * DAY);
+    let report = topk_maintenance::prune(&client, &ahead)
+        .await
+        .expect("prune");
+    assert_eq!(report.dropped, Vec::<(String, u32)>::new(), "{report:?}");
+    check(&query, &plays, &[1], Window::at(now), "after a prune ahead").await;
+    common::drop_database(&clickhouse).await;
+}

@@ -35,8 +35,24 @@ fn yyyymmdd(secs: u32) -> u32 {
 /// Drops the expired partitions of every day-partitioned table, `plays_daily` months that
 /// ended before the cut-off, and `flush_log` months that ended before the cut-off's previous
 /// month.
+///
+/// Dropping is the one step that cannot be undone, so it acts on the *earlier* of this host's
+/// clock and the ClickHouse server's: a clock running ahead on either side (a maintenance host
+/// days fast) only delays retention, never drops a day still inside the window.
 pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, MaintenanceError> {
-    let window = Window::at(clock.now_ms());
+    let server_secs: u32 = client
+        .query("SELECT toUnixTimestamp(now())")
+        .fetch_one()
+        .await?;
+    let host_ms = clock.now_ms();
+    let now_ms = host_ms.min(i64::from(server_secs) * 1_000);
+    if host_ms - now_ms > 60_000 {
+        tracing::warn!(
+            ahead_ms = host_ms - now_ms,
+            "this host's clock is ahead of ClickHouse's; pruning by ClickHouse's"
+        );
+    }
+    let window = Window::at(now_ms);
     let cutoff = yyyymmdd(day_of(window.start).saturating_sub(DAY_SECS));
     let mut report = PruneReport {
         cutoff_yyyymmdd: cutoff,
