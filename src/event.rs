@@ -18,7 +18,12 @@ use time::format_description::well_known::Rfc3339;
 
 /// Longest accepted `event_id`, in bytes.
 pub const MAX_EVENT_ID_BYTES: usize = 128;
-/// How far past its Kafka timestamp an event's own timestamp may lie.
+/// How far past its Kafka timestamp an event's own timestamp may lie. Relative to the message's
+/// own timestamp, not to the aggregator's partition clock: a play arriving after the partition
+/// was quiet for longer than this looks, on arrival, exactly like one from a producer whose
+/// clock runs ahead, and judging it against a clock that has not seen it yet would dead-letter
+/// honest plays (ARCHITECTURE.md, "Duplicates"). With CreateTime the bound is therefore only as
+/// good as the producer's clock; a topic with LogAppendTime makes it the broker's.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 /// Last millisecond whose minute fits the u32 seconds of [`PlayEvent::minute`] (and of
 /// ClickHouse's `DateTime`): 2106-02-07T06:28:15.999Z.

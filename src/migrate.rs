@@ -51,6 +51,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "user_touches",
         sql: include_str!("../schema/006_user_touches.sql"),
     },
+    Migration {
+        version: 7,
+        name: "flush_log_fence",
+        sql: include_str!("../schema/007_flush_log_fence.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "utc_day_partitions",
+        sql: include_str!("../schema/008_utc_day_partitions.sql"),
+    },
 ];
 
 /// Errors applying migrations.
@@ -98,6 +108,14 @@ pub fn statements(sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`: migrations add one column per statement,
+/// and a column already there (code 44: a run interrupted after that statement) counts as added.
+fn column_already_added(statement: &str, error: &clickhouse::error::Error) -> bool {
+    statement.to_uppercase().contains(" ADD COLUMN ")
+        && matches!(error, clickhouse::error::Error::BadResponse(message)
+            if message.contains("Code: 44,") && message.contains("already exists"))
+}
+
 fn check_identifier(name: &str) -> Result<(), MigrateError> {
     if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         Ok(())
@@ -134,15 +152,17 @@ pub async fn run(args: &ClickHouseArgs) -> Result<MigrateReport, MigrateError> {
             continue;
         }
         for statement in statements(migration.sql) {
-            client
-                .query(&statement)
-                .execute()
-                .await
-                .map_err(|source| MigrateError::Statement {
-                    version: migration.version,
-                    name: migration.name,
-                    source,
-                })?;
+            match client.query(&statement).execute().await {
+                Ok(()) => {}
+                Err(source) if column_already_added(&statement, &source) => {}
+                Err(source) => {
+                    return Err(MigrateError::Statement {
+                        version: migration.version,
+                        name: migration.name,
+                        source,
+                    });
+                }
+            }
         }
         let mut insert = client.insert::<AppliedRow>("schema_migrations").await?;
         insert
@@ -204,6 +224,23 @@ mod tests {
                 assert!(!upper.contains(banned), "{} uses {banned}", migration.name);
             }
         }
+    }
+
+    #[test]
+    fn day_partitions_from_008_on_are_utc_days() {
+        // 001 and 006 partition by the server's day; 008 rebuilds both with explicit UTC keys,
+        // and a later table partitioned by a day of a DateTime must name UTC too (issue 16,
+        // item 9): prune and backfill address partitions by UTC day.
+        let mut keys = 0;
+        for migration in MIGRATIONS.iter().filter(|m| m.version >= 8) {
+            for line in migration.sql.lines().map(str::trim) {
+                if line.starts_with("PARTITION BY toYYYYMMDD(") {
+                    keys += 1;
+                    assert!(line.ends_with(", 'UTC')"), "{}: {line}", migration.name);
+                }
+            }
+        }
+        assert_eq!(keys, 2, "008 rebuilds plays_minute and user_touches");
     }
 
     #[test]

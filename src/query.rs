@@ -108,7 +108,7 @@ impl TopQuery {
         };
         let (first, last) = (date_literal(first), date_literal(last));
         let sql = format!(
-            "SELECT toUInt32(toDateTime(day)) AS day_start, max(v) AS version FROM \
+            "SELECT toUInt32(toDateTime(day, 'UTC')) AS day_start, max(v) AS version FROM \
                (SELECT day, version AS v, started_at AS rolled, toDateTime(0) AS touched \
                 FROM rollup_log WHERE day >= {first} AND day <= {last} \
                 UNION ALL \

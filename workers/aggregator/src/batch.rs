@@ -25,6 +25,18 @@ pub struct DeadLetter {
     pub reason: Rejection,
 }
 
+/// The counting rules that decide a batch besides its offsets and the dedup memory: recorded in
+/// its intent, so that a replay after a restart with other flags decides every message as the
+/// first attempt did (ARCHITECTURE.md, "Exactly-once flush protocol", "Rules").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// `--dedup-window`, in ms.
+    pub dedup_window_ms: i64,
+    /// `--retention`, in ms (never 0 once recorded: 0 in `flush_log` marks an intent written
+    /// before the rules were recorded).
+    pub retention_ms: i64,
+}
+
 /// Offsets `[start_offset, end_offset)` of one partition, processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -48,6 +60,9 @@ pub struct Batch {
     pub dedup_from_max_ts: i64,
     /// Set when this batch replays a recorded intent: it must end exactly there.
     pub forced_end: Option<u64>,
+    /// The rules the batch was decided with (set by the partition state when it opens the
+    /// batch; zero, i.e. not recorded, for a batch built by hand).
+    pub rules: Rules,
 }
 
 impl Batch {
@@ -65,6 +80,10 @@ impl Batch {
             dedup_from: start_offset,
             dedup_from_max_ts: first_ts,
             forced_end,
+            rules: Rules {
+                dedup_window_ms: 0,
+                retention_ms: 0,
+            },
         }
     }
 

@@ -79,6 +79,12 @@ pub struct AggregatorArgs {
     /// Kafka consumer-group session timeout: how long a dead worker keeps its partitions.
     #[arg(long, env = "TOPK_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub kafka_session_timeout: Duration,
+    /// Deadline of every ClickHouse request of the aggregator. A revoke waits at most twice this
+    /// for a flush in flight before it fences the partitions; an intent insert carries a
+    /// server-side deadline of this (at most half the session timeout), after which the server
+    /// refuses it (ARCHITECTURE.md, "Fencing"). A flush's count insert must fit in it.
+    #[arg(long, env = "TOPK_AGGREGATOR_CLICKHOUSE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub clickhouse_timeout: Duration,
     /// How often counts are flushed to ClickHouse (and offsets committed).
     #[arg(long, env = "TOPK_FLUSH_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,

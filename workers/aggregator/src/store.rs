@@ -1,10 +1,13 @@
 //! What the aggregator reads from and writes to ClickHouse: flush intents (`flush_log`) and
 //! play counts (`plays_minute`). One `Row` struct per table.
 
+use std::future::Future;
+use std::time::Duration;
+
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Rules};
 use crate::partition::Intent;
 
 /// A row of `plays_minute`.
@@ -39,10 +42,16 @@ pub struct IntentRow {
     pub events: u64,
     pub rows: u64,
     pub logged_at: u32,
+    /// The rules the batch was decided with (schema/007; 0 in rows recorded before).
+    pub dedup_window_ms: i64,
+    pub retention_ms: i64,
+    /// The server refuses the row (and the whole insert with it) once its clock is past this
+    /// second: the `fence` column of schema/007. 0 (older rows) is never refused.
+    pub write_deadline: u32,
 }
 
 impl IntentRow {
-    pub fn of(topic: &str, batch: &Batch, logged_at: u32) -> Self {
+    pub fn of(topic: &str, batch: &Batch, logged_at: u32, write_deadline: u32) -> Self {
         IntentRow {
             topic: topic.to_owned(),
             src_partition: partition_u32(batch.partition),
@@ -56,6 +65,9 @@ impl IntentRow {
             events: batch.counted,
             rows: batch.counts.len() as u64,
             logged_at,
+            dedup_window_ms: batch.rules.dedup_window_ms,
+            retention_ms: batch.rules.retention_ms,
+            write_deadline,
         }
     }
 
@@ -67,6 +79,11 @@ impl IntentRow {
             max_ts: self.max_ts,
             dedup_from: self.dedup_from,
             dedup_from_max_ts: self.dedup_from_max_ts,
+            // A retention of 0 would reject every play: it marks a row without recorded rules.
+            rules: (self.retention_ms > 0).then_some(Rules {
+                dedup_window_ms: self.dedup_window_ms,
+                retention_ms: self.retention_ms,
+            }),
         }
     }
 }
@@ -80,23 +97,67 @@ fn partition_u32(partition: i32) -> u32 {
 pub struct Store {
     client: Client,
     topic: String,
+    /// Deadline of every request (`--clickhouse-timeout`): a flush whose server stalls gives up
+    /// instead of holding the flush lock past a rebalance (ARCHITECTURE.md, "Fencing").
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("topic", &self.topic).finish()
+        f.debug_struct("Store")
+            .field("topic", &self.topic)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
 const INTENT_COLUMNS: &str = "topic, src_partition, start_offset, end_offset, batch_id, first_ts, \
-     max_ts, dedup_from, dedup_from_max_ts, events, rows, logged_at";
+     max_ts, dedup_from, dedup_from_max_ts, events, rows, logged_at, dedup_window_ms, retention_ms, \
+     write_deadline";
+
+/// Requests without a deadline of their own (tests and tools that build a `Store`).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Store {
     pub fn new(client: Client, topic: &str) -> Self {
         Store {
             client,
             topic: topic.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The same store with `timeout` on every request.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The request deadline.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// `request` under the store's deadline. Dropping the request closes its connection; the
+    /// server may still finish it, which is why intents carry a server-side deadline as well.
+    async fn timed<T>(
+        &self,
+        request: impl Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, clickhouse::error::Error> {
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .unwrap_or(Err(clickhouse::error::Error::TimedOut))
+    }
+
+    /// The server's clock (whole seconds since the epoch): intents' write deadlines are set on
+    /// it, so that no clock of this host is compared with the server's.
+    pub async fn server_now(&self) -> Result<u32, clickhouse::error::Error> {
+        self.timed(
+            self.client
+                .query("SELECT toUInt32(now())")
+                .fetch_one::<u32>(),
+        )
+        .await
     }
 
     /// Intents of `partition` starting at or after `offset`, in offset order.
@@ -105,7 +166,7 @@ impl Store {
         partition: i32,
         offset: u64,
     ) -> Result<Vec<Intent>, clickhouse::error::Error> {
-        let rows: Vec<IntentRow> = self
+        let query = self
             .client
             .query(&format!(
                 "SELECT {INTENT_COLUMNS} FROM flush_log FINAL \
@@ -114,9 +175,8 @@ impl Store {
             ))
             .bind(&self.topic)
             .bind(partition_u32(partition))
-            .bind(offset)
-            .fetch_all()
-            .await?;
+            .bind(offset);
+        let rows: Vec<IntentRow> = self.timed(query.fetch_all()).await?;
         Ok(rows.iter().map(IntentRow::intent).collect())
     }
 
@@ -127,7 +187,7 @@ impl Store {
         partition: i32,
         offset: u64,
     ) -> Result<Option<Intent>, clickhouse::error::Error> {
-        let row: Option<IntentRow> = self
+        let query = self
             .client
             .query(&format!(
                 "SELECT {INTENT_COLUMNS} FROM flush_log FINAL \
@@ -136,29 +196,57 @@ impl Store {
             ))
             .bind(&self.topic)
             .bind(partition_u32(partition))
-            .bind(offset)
-            .fetch_optional()
-            .await?;
+            .bind(offset);
+        let row: Option<IntentRow> = self.timed(query.fetch_optional()).await?;
         Ok(row.as_ref().map(IntentRow::intent))
     }
 
-    /// Records the intents of `batches` (step 1 of a flush).
+    /// Records the intents of `batches` without a write deadline (tools and tests; the
+    /// aggregator's flush uses [`Store::write_intents_before`]).
     pub async fn write_intents(
         &self,
         batches: &[&Batch],
         logged_at: u32,
     ) -> Result<(), clickhouse::error::Error> {
-        let mut insert = self.client.insert::<IntentRow>("flush_log").await?;
-        for batch in batches {
-            insert
-                .write(&IntentRow::of(&self.topic, batch, logged_at))
-                .await?;
-        }
-        insert.end().await
+        self.write_intents_before(batches, logged_at, 0).await
+    }
+
+    /// Records the intents of `batches` (step 1 of a flush). The server applies the insert only
+    /// while its clock is at or before `write_deadline` (seconds, server clock; 0: no deadline):
+    /// later, the `fence` column's `throwIf` refuses it whole, so an insert stalled past the
+    /// handover of its partitions can never land (ARCHITECTURE.md, "Fencing").
+    pub async fn write_intents_before(
+        &self,
+        batches: &[&Batch],
+        logged_at: u32,
+        write_deadline: u32,
+    ) -> Result<(), clickhouse::error::Error> {
+        self.timed(async {
+            let mut insert = self.client.insert::<IntentRow>("flush_log").await?;
+            for batch in batches {
+                insert
+                    .write(&IntentRow::of(
+                        &self.topic,
+                        batch,
+                        logged_at,
+                        write_deadline,
+                    ))
+                    .await?;
+            }
+            insert.end().await
+        })
+        .await
     }
 
     /// Writes the counts of `batches` (step 2 of a flush). Returns the number of rows.
     pub async fn write_counts(&self, batches: &[&Batch]) -> Result<u64, clickhouse::error::Error> {
+        self.timed(self.write_counts_untimed(batches)).await
+    }
+
+    async fn write_counts_untimed(
+        &self,
+        batches: &[&Batch],
+    ) -> Result<u64, clickhouse::error::Error> {
         let mut rows = 0u64;
         let mut insert = self.client.insert::<PlayRow>("plays_minute").await?;
         for batch in batches {
@@ -199,13 +287,15 @@ impl Store {
             .iter()
             .map(|&day| format!("({})", topk::query::date_literal(day)))
             .collect();
-        self.client
-            .query(&format!(
-                "INSERT INTO day_touches (day) VALUES {}",
-                values.join(", ")
-            ))
-            .execute()
-            .await
+        self.timed(
+            self.client
+                .query(&format!(
+                    "INSERT INTO day_touches (day) VALUES {}",
+                    values.join(", ")
+                ))
+                .execute(),
+        )
+        .await
     }
 
     /// Records the users the flush wrote counts for (after the counts, before the commit), so
@@ -222,10 +312,13 @@ impl Store {
             return Ok(());
         }
         // A typed insert: one RowBinary stream however many users, `touched_at` from DEFAULT.
-        let mut insert = self.client.insert::<UserTouchRow>("user_touches").await?;
-        for user_id in users {
-            insert.write(&UserTouchRow { user_id }).await?;
-        }
-        insert.end().await
+        self.timed(async {
+            let mut insert = self.client.insert::<UserTouchRow>("user_touches").await?;
+            for user_id in users {
+                insert.write(&UserTouchRow { user_id }).await?;
+            }
+            insert.end().await
+        })
+        .await
     }
 }

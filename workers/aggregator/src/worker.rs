@@ -81,6 +81,16 @@ enum ResumeError {
 #[derive(Default)]
 struct Core {
     partitions: HashMap<i32, PartitionState>,
+    /// Ownership generation of each held partition: a new number each time it is resumed. A
+    /// flush writes and commits a partition's batches only while the partition is still held in
+    /// the generation it took them from, and puts them back only into that generation (fencing:
+    /// a flush that outlives its partitions writes nothing more of them).
+    generations: HashMap<i32, u64>,
+    next_generation: u64,
+    /// Until when (this host's monotonic clock) an intent insert already sent may still be
+    /// applied by the server; `None` when none is unsettled. A revoke lets its partitions go only
+    /// after this instant, so no intent of theirs can land after the handover.
+    intent_pending_until: Option<Instant>,
     /// Bytes of all partitions' state, and the part of it a flush can free: kept current by
     /// [`Core::process`] per message and recounted by [`Core::recount`] after anything else
     /// changes the partitions, so the per-message cap check does not walk every partition.
@@ -104,6 +114,34 @@ impl Core {
                 });
     }
 
+    /// Holds a resumed partition in a generation of its own.
+    fn hold(&mut self, partition: i32, state: PartitionState) {
+        self.next_generation += 1;
+        self.generations.insert(partition, self.next_generation);
+        self.partitions.insert(partition, state);
+        self.recount();
+    }
+
+    /// Gives partitions up: their state goes, and a flush holding batches of them (of the
+    /// generation that ends here) writes, commits and restores nothing more of them.
+    fn give_up(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.partitions.remove(p);
+            self.generations.remove(p);
+        }
+        self.recount();
+    }
+
+    /// Keeps only the batches of partitions still held in the generation they were taken from;
+    /// nothing at all once the consumer says the whole assignment is lost (the group gave it
+    /// away; the revoke callback that follows gives the partitions up).
+    fn retain_held(&self, taken: &mut Vec<Taken>, assignment_lost: bool) {
+        if assignment_lost {
+            taken.clear();
+        }
+        taken.retain(|t| self.generations.get(&t.partition) == Some(&t.generation));
+    }
+
     /// Processes one message of a known partition, returning its outcome with the state bytes
     /// and the flushable bytes after it; `None` if the partition is not assigned.
     fn process(&mut self, partition: i32, message: Message<'_>) -> Option<(Outcome, u64, u64)> {
@@ -115,6 +153,13 @@ impl Core {
         self.bytes = self.bytes + batches_now + dedup_now - batches - dedup;
         Some((outcome, self.bytes, self.flushable))
     }
+}
+
+/// The sealed batches of one partition a flush has taken out, and the generation they are of.
+struct Taken {
+    partition: i32,
+    generation: u64,
+    batches: Vec<Batch>,
 }
 
 /// Everything the loop and the rebalance callback share.
@@ -136,6 +181,12 @@ struct Worker {
     dedup_window_ms: i64,
     brokers: String,
     group: String,
+    /// How long a revoke waits for a flush in flight before it fences the partitions anyway
+    /// (twice the ClickHouse request deadline, so a flush stalled in one request has ended).
+    handover_wait: Duration,
+    /// Whole seconds (server clock) an intent insert may take to be applied (see
+    /// `Worker::write_intents`).
+    intent_budget_secs: u32,
 }
 
 impl Worker {
@@ -169,15 +220,21 @@ impl Worker {
         only: Option<&[i32]>,
     ) -> Result<(), FlushError> {
         let started = Instant::now();
-        let taken: Vec<(i32, Vec<Batch>)> = {
+        let mut taken: Vec<Taken> = {
             let mut core = self.core();
+            let core = &mut *core;
             core.partitions
                 .iter_mut()
                 .filter(|(p, _)| only.is_none_or(|list| list.contains(p)))
                 .filter_map(|(&p, state)| {
                     state.seal();
                     let batches = state.take_sealed();
-                    (!batches.is_empty()).then_some((p, batches))
+                    let generation = *core.generations.get(&p)?;
+                    (!batches.is_empty()).then_some(Taken {
+                        partition: p,
+                        generation,
+                        batches,
+                    })
                 })
                 .collect()
         };
@@ -186,7 +243,7 @@ impl Worker {
         }
         let taken_bytes: u64 = taken
             .iter()
-            .flat_map(|(_, batches)| batches.iter().map(Batch::bytes))
+            .flat_map(|t| t.batches.iter().map(Batch::bytes))
             .sum();
         {
             // Moving bytes from `core` to `in_flight_bytes` under the lock keeps their sum
@@ -195,28 +252,28 @@ impl Worker {
             core.recount();
             self.in_flight_bytes.store(taken_bytes, Ordering::Relaxed);
         }
-        let result = self.write(&taken).await;
+        let batches_taken: usize = taken.iter().map(|t| t.batches.len()).sum();
+        let result = self.write(consumer, &mut taken).await;
         match result {
             Ok((rows, dead_letters)) => {
                 if let Some(pause) = self.test_pause_before_commit {
                     tokio::time::sleep(pause).await;
                 }
-                self.commit(consumer, &taken);
+                self.commit(consumer, &mut taken);
                 self.in_flight_bytes.store(0, Ordering::Relaxed);
-                events::flushed(
-                    taken.iter().map(|(_, b)| b.len()).sum(),
-                    rows,
-                    dead_letters,
-                    started.elapsed(),
-                );
+                events::flushed(batches_taken, rows, dead_letters, started.elapsed());
                 events::state_bytes(self.state_bytes());
                 Ok(())
             }
             Err(error) => {
                 let mut core = self.core();
-                for (p, batches) in taken {
-                    if let Some(state) = core.partitions.get_mut(&p) {
-                        state.restore_sealed(batches);
+                // Only into the generation the batches came from: a partition given up and
+                // resumed since has a new state, rebuilt from the committed offset, that must
+                // not receive the old one's batches.
+                core.retain_held(&mut taken, consumer.assignment_lost());
+                for t in taken {
+                    if let Some(state) = core.partitions.get_mut(&t.partition) {
+                        state.restore_sealed(t.batches);
                     }
                 }
                 core.recount();
@@ -226,18 +283,77 @@ impl Worker {
         }
     }
 
-    async fn write(&self, taken: &[(i32, Vec<Batch>)]) -> Result<(u64, usize), FlushError> {
-        let batches: Vec<&Batch> = taken.iter().flat_map(|(_, b)| b.iter()).collect();
-        let now = u32::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
-        self.store
-            .write_intents(&batches, now)
-            .await
-            .map_err(FlushError::Intents)?;
-        let rows = self
+    /// Drops from `taken` the partitions given up since the flush took their batches (checked
+    /// before every step: a flush that outlives its partitions writes nothing more of them).
+    fn retain_held<C: Consumer<Worker>>(&self, consumer: &C, taken: &mut Vec<Taken>) {
+        self.core().retain_held(taken, consumer.assignment_lost());
+    }
+
+    /// Step 1: the intents, with a write deadline on the server's clock. The server read
+    /// `server_now` before it answered at `answered`, so its clock is past `server_now +
+    /// budget` (where the `fence` column refuses the insert) once `budget` + 1 s (the clock's
+    /// resolution) has passed here; one more second covers clock rates and the server writing
+    /// the one-row part after its check. Until then the insert counts as pending, unless the
+    /// server answered it (applied, or refused for good).
+    async fn write_intents<C: Consumer<Worker>>(
+        &self,
+        consumer: &C,
+        taken: &mut Vec<Taken>,
+    ) -> Result<(), FlushError> {
+        let server_now = self.store.server_now().await.map_err(FlushError::Intents)?;
+        let answered = Instant::now();
+        let deadline = server_now.saturating_add(self.intent_budget_secs);
+        let settled_by = answered + Duration::from_secs(u64::from(self.intent_budget_secs) + 2);
+        let before = {
+            let mut core = self.core();
+            core.retain_held(taken, consumer.assignment_lost());
+            if taken.is_empty() {
+                return Ok(());
+            }
+            // Under the same lock as the ownership check: a revoke that gives the partitions up
+            // after it sees this instant and waits for it.
+            let before = core.intent_pending_until;
+            core.intent_pending_until = Some(before.map_or(settled_by, |b| b.max(settled_by)));
+            before
+        };
+        let batches: Vec<&Batch> = taken.iter().flat_map(|t| t.batches.iter()).collect();
+        let logged_at =
+            u32::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0);
+        let result = self
             .store
-            .write_counts(&batches)
-            .await
-            .map_err(FlushError::Counts)?;
+            .write_intents_before(&batches, logged_at, deadline)
+            .await;
+        if matches!(
+            result,
+            Ok(()) | Err(clickhouse::error::Error::BadResponse(_))
+        ) {
+            let mut core = self.core();
+            core.intent_pending_until = before.filter(|b| *b > Instant::now());
+        }
+        result.map_err(FlushError::Intents)
+    }
+
+    async fn write<C: Consumer<Worker>>(
+        &self,
+        consumer: &C,
+        taken: &mut Vec<Taken>,
+    ) -> Result<(u64, usize), FlushError> {
+        self.write_intents(consumer, taken).await?;
+        // From here on a late write is harmless: it repeats rows the intent fixed, which a
+        // replay of the intent writes identically. Partitions given up are still skipped, for
+        // their new owner replays them anyway.
+        self.retain_held(consumer, taken);
+        let batches: Vec<&Batch> = taken.iter().flat_map(|t| t.batches.iter()).collect();
+        let rows = if batches.is_empty() {
+            0
+        } else {
+            self.store
+                .write_counts(&batches)
+                .await
+                .map_err(FlushError::Counts)?
+        };
+        self.retain_held(consumer, taken);
+        let batches: Vec<&Batch> = taken.iter().flat_map(|t| t.batches.iter()).collect();
         self.store
             .write_touches(&batches)
             .await
@@ -246,6 +362,8 @@ impl Worker {
             .write_user_touches(&batches)
             .await
             .map_err(FlushError::Touches)?;
+        self.retain_held(consumer, taken);
+        let batches: Vec<&Batch> = taken.iter().flat_map(|t| t.batches.iter()).collect();
         let letters: Vec<(i32, &DeadLetter)> = batches
             .iter()
             .flat_map(|batch| batch.dead_letters.iter().map(|l| (batch.partition, l)))
@@ -347,19 +465,28 @@ impl Worker {
         self.producer.send(record, Duration::from_secs(30)).await
     }
 
-    fn commit<C: Consumer<Worker>>(&self, consumer: &C, taken: &[(i32, Vec<Batch>)]) {
+    /// Step 5: commits the partitions still held. The core lock is held across the commit so
+    /// that a revoke cannot give a partition up between the check and the commit: once the
+    /// revoke has given it up, no commit of this flush for it can start or still be running.
+    fn commit<C: Consumer<Worker>>(&self, consumer: &C, taken: &mut Vec<Taken>) {
+        let core = self.core();
+        core.retain_held(taken, consumer.assignment_lost());
         let mut offsets = TopicPartitionList::new();
-        for (p, batches) in taken {
-            if let Some(last) = batches.last() {
+        for t in taken.iter() {
+            if let Some(last) = t.batches.last() {
                 let offset = Offset::Offset(last.end_offset as i64);
-                if let Err(error) = offsets.add_partition_offset(&self.topic, *p, offset) {
+                if let Err(error) = offsets.add_partition_offset(&self.topic, t.partition, offset) {
                     events::commit_failed(&error);
                 }
             }
         }
+        if offsets.count() == 0 {
+            return;
+        }
         if let Err(error) = consumer.commit(&offsets, CommitMode::Sync) {
             events::commit_failed(&error);
         }
+        drop(core);
     }
 }
 
@@ -385,31 +512,48 @@ impl ConsumerContext for Worker {
             .iter()
             .map(|e| e.partition())
             .collect();
+        if consumer.assignment_lost() {
+            // The group gave these partitions away already (this member missed its session or
+            // `max.poll.interval.ms`): their new owner may be counting from the committed offset.
+            // Nothing of them is flushed or committed; the state goes and the new owner replays
+            // whatever intent was recorded. A flush in flight sees the loss and stops too.
+            self.core().give_up(&revoked);
+            tracing::warn!(partitions = ?revoked, "assignment lost: partitions dropped unflushed");
+            events::partitions_released(&revoked, false);
+            return;
+        }
         // The callback runs inside `recv()` on the loop's task: block this thread (not the
-        // runtime) until a background flush in flight has finished (the flush lock) and the
-        // revoked partitions are flushed and committed.
+        // runtime) until a background flush in flight has finished (the flush lock, at most
+        // `handover_wait`) and the revoked partitions are flushed and committed; then give them
+        // up and wait until no intent insert of theirs can still be applied by the server.
         let flushed = tokio::task::block_in_place(|| {
             self.handle.block_on(async {
-                tokio::time::timeout(Duration::from_secs(20), async {
-                    let guard = self.flush_lock.lock().await;
-                    let result = self.flush_locked(consumer, Some(&revoked)).await;
-                    (guard, result)
-                })
-                .await
+                let (guard, flushed) =
+                    match tokio::time::timeout(self.handover_wait, self.flush_lock.lock()).await {
+                        Ok(guard) => {
+                            let result = self.flush_locked(consumer, Some(&revoked)).await;
+                            (Some(guard), result.is_ok())
+                        }
+                        // A flush stalled past the wait keeps the lock: the partitions are
+                        // fenced instead, so it writes, commits and restores nothing more of them.
+                        Err(_) => (None, false),
+                    };
+                // Whatever happened, the state goes: the next owner resumes from the committed
+                // offset and replays any recorded intent exactly.
+                let pending = {
+                    let mut core = self.core();
+                    core.give_up(&revoked);
+                    core.intent_pending_until
+                };
+                if let Some(until) = pending {
+                    // An intent insert sent before the fence and not answered: the server
+                    // refuses it after its deadline, which has passed at `until`.
+                    tokio::time::sleep_until(until.into()).await;
+                }
+                drop(guard);
+                flushed
             })
         });
-        let (_guard, flushed) = match flushed {
-            Ok((guard, result)) => (Some(guard), result.is_ok()),
-            Err(_) => (None, false),
-        };
-        // Whatever happened, the state goes: the next owner resumes from the committed offset
-        // and replays any recorded intent exactly. (Still under the flush lock when the flush
-        // ran, so no flush sees the partitions half removed.)
-        let mut core = self.core();
-        for p in &revoked {
-            core.partitions.remove(p);
-        }
-        core.recount();
         events::partitions_released(&revoked, flushed);
     }
 }
@@ -420,7 +564,8 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         core: Mutex::new(Core::default()),
         flush_lock: tokio::sync::Mutex::new(()),
         in_flight_bytes: AtomicU64::new(0),
-        store: Store::new(topk::olap::client(&args.clickhouse), &args.kafka.topic),
+        store: Store::new(topk::olap::client(&args.clickhouse), &args.kafka.topic)
+            .with_timeout(args.clickhouse_timeout),
         producer: topk::kafka::producer(&args.kafka.brokers)?,
         topic: args.kafka.topic.clone(),
         dlq_topic: args.kafka.dlq_topic(),
@@ -430,6 +575,8 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         dedup_window_ms: args.rules.dedup_window_ms(),
         brokers: args.kafka.brokers.clone(),
         group: args.group.clone(),
+        handover_wait: args.clickhouse_timeout * 2,
+        intent_budget_secs: intent_budget_secs(args.clickhouse_timeout, args.kafka_session_timeout),
     };
     let mut config =
         topk::kafka::member_config(&args.kafka.brokers, &args.group, args.kafka_session_timeout);
@@ -502,8 +649,7 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
                             break;
                         };
                         let mut core = consumer.context().core();
-                        core.partitions.insert(partition, state);
-                        core.recount();
+                        core.hold(partition, state);
                         processed_now = core.process(partition, view(&message));
                     }
                     let Some((outcome, bytes, flushable)) = processed_now else { break };
@@ -576,7 +722,11 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         }
     }
     // Leaving the group flushes nothing more: the state is empty, or it is abandoned.
-    consumer.context().core().partitions.clear();
+    {
+        let mut core = consumer.context().core();
+        let held: Vec<i32> = core.partitions.keys().copied().collect();
+        core.give_up(&held);
+    }
     consumer.unsubscribe();
     drop(consumer);
     if done {
@@ -585,6 +735,16 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
     } else {
         Err(AggregatorError::FinalFlush)
     }
+}
+
+/// Whole seconds an intent insert may take to be applied by the server: the request deadline,
+/// and at most half the session timeout, so that a member evicted for a missed session has its
+/// last intents settled (applied or refused) well before its partitions' next owner resumes.
+fn intent_budget_secs(request_timeout: Duration, session_timeout: Duration) -> u32 {
+    let budget = request_timeout.min(session_timeout / 2);
+    u32::try_from(budget.as_secs() + u64::from(budget.subsec_nanos() > 0))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 /// Starts a flush of every partition in a task of its own.

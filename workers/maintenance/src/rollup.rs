@@ -53,7 +53,7 @@ async fn rollup_day(client: &Client, day: u32) -> Result<u64, MaintenanceError> 
     client
         .query(&format!(
             "INSERT INTO plays_daily (user_id, song_id, day, plays, version) \
-             SELECT user_id, song_id, toDate(minute) AS day, sum(plays), {version} \
+             SELECT user_id, song_id, toDate(minute, 'UTC') AS day, sum(plays), {version} \
              FROM plays_minute FINAL \
              WHERE minute >= toDateTime({day}) AND minute < toDateTime({end}) \
              GROUP BY user_id, song_id, day"
