@@ -126,24 +126,29 @@ fn traffic(t0: i64) -> [(i64, Vec<u8>); 4] {
     ]
 }
 
-fn expected() -> std::collections::BTreeMap<(u64, u64), u64> {
-    [((42, 7), 1), ((43, 8), 1), ((44, 9), 1)].into()
+/// Runs one worker until the group committed `end` on partition 0, then stops it cleanly.
+async fn count_until(setup: &Setup, end: i64) {
+    let (shutdown, worker) = spawn_worker(setup);
+    wait_for_commit(setup, end).await;
+    shutdown.cancel();
+    worker.await.expect("joins").expect("clean shutdown");
+}
+
+/// Each play once: the retry is a duplicate, the skewed producer's own play counts.
+async fn assert_each_play_once(setup: &Setup) {
+    let totals = common::workload::totals(&setup.clickhouse).await;
+    let expected: std::collections::BTreeMap<(u64, u64), u64> =
+        [((42, 7), 1), ((43, 8), 1), ((44, 9), 1)].into();
+    assert_eq!(totals, expected);
+    common::drop_database(&setup.clickhouse).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_clock_ahead_does_not_let_a_retry_count_twice() {
     let setup = setup().await;
     produce(&setup, &traffic(setup.t0)).await;
-
-    let (shutdown, worker) = spawn_worker(&setup);
-    wait_for_commit(&setup, 4).await;
-    shutdown.cancel();
-    worker.await.expect("joins").expect("clean shutdown");
-
-    // Each play once: the retry is a duplicate, the skewed producer's own play counts.
-    let totals = common::workload::totals(&setup.clickhouse).await;
-    assert_eq!(totals, expected());
-    common::drop_database(&setup.clickhouse).await;
+    count_until(&setup, 4).await;
+    assert_each_play_once(&setup).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,18 +159,8 @@ async fn a_producer_clock_ahead_does_not_let_a_retry_count_twice_across_a_restar
     let setup = setup().await;
     let [play_a, skewed, retry, after] = traffic(setup.t0);
     produce(&setup, &[play_a, skewed]).await;
-    let (shutdown, worker) = spawn_worker(&setup);
-    wait_for_commit(&setup, 2).await;
-    shutdown.cancel();
-    worker.await.expect("joins").expect("clean shutdown");
-
+    count_until(&setup, 2).await;
     produce(&setup, &[retry, after]).await;
-    let (shutdown, worker) = spawn_worker(&setup);
-    wait_for_commit(&setup, 4).await;
-    shutdown.cancel();
-    worker.await.expect("joins").expect("clean shutdown");
-
-    let totals = common::workload::totals(&setup.clickhouse).await;
-    assert_eq!(totals, expected());
-    common::drop_database(&setup.clickhouse).await;
+    count_until(&setup, 4).await;
+    assert_each_play_once(&setup).await;
 }

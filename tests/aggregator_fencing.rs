@@ -9,13 +9,15 @@
 
 mod common;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::workload::{self, Mix, Workload};
+use rand::rngs::StdRng;
 use rdkafka::producer::FutureRecord;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,21 +41,78 @@ fn aggregate(flags: &[String], env: &[(&str, &str)], log: &Path) -> Child {
     command.spawn().expect("topk starts")
 }
 
-fn flags(
-    brokers: &str,
-    topic: &str,
-    clickhouse_url: &str,
-    database: &str,
-    extra: &[&str],
-) -> Vec<String> {
-    let mut flags = vec![
-        format!("--kafka-brokers={brokers}"),
-        format!("--kafka-topic={topic}"),
-        format!("--clickhouse-url={clickhouse_url}"),
-        format!("--clickhouse-database={database}"),
-    ];
-    flags.extend(extra.iter().map(|s| (*s).to_owned()));
-    flags
+/// The traffic of the tests with generated load.
+const MIX: Mix = Mix {
+    users: 100,
+    songs: 20,
+    dup_rate: 0.1,
+    bad_rate: 0.0,
+};
+
+/// What a test here runs against: a topic of its own on a dev broker, a migrated database of
+/// its own, a folder for the workers' logs and a consumer group.
+struct Setup {
+    broker: topk_devbroker::DevBroker,
+    brokers: String,
+    topic: String,
+    clickhouse: topk::config::ClickHouseArgs,
+    logs: tempfile::TempDir,
+    group: String,
+}
+
+impl Setup {
+    async fn new(partitions: i32, group: &str) -> Self {
+        let (broker, topic) = common::dev_broker(partitions);
+        let brokers = broker.bootstrap_servers();
+        Setup {
+            broker,
+            brokers,
+            topic,
+            clickhouse: common::migrated_database().await,
+            logs: tempfile::tempdir().expect("log dir"),
+            group: common::unique(group),
+        }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.logs.path().join(name)
+    }
+
+    /// Starts a worker of the group, writing to the database through `clickhouse_url`, with
+    /// `extra` flags and environment, logging to `log`.
+    fn worker(
+        &self,
+        clickhouse_url: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Child {
+        let mut flags = vec![
+            format!("--kafka-brokers={}", self.brokers),
+            format!("--kafka-topic={}", self.topic),
+            format!("--clickhouse-url={clickhouse_url}"),
+            format!("--clickhouse-database={}", self.clickhouse.database),
+            format!("--group={}", self.group),
+        ];
+        flags.extend_from_slice(extra);
+        aggregate(&flags, env, log)
+    }
+
+    /// Adds `n` generated plays to `load` and produces them.
+    async fn produce(&self, load: &mut Workload, rng: &mut StdRng, n: usize) {
+        let added = load.add(rng, n, workload::now_ms(), MIX);
+        workload::produce(&self.brokers, &self.topic, &load.messages[added]).await;
+    }
+
+    /// ClickHouse holds exactly `expected`: every play once.
+    async fn assert_totals(&self, expected: &BTreeMap<(u64, u64), u64>) {
+        workload::assert_same_totals(&workload::totals(&self.clickhouse).await, expected);
+    }
+
+    async fn finish(self) {
+        drop(self.broker);
+        common::drop_database(&self.clickhouse).await;
+    }
 }
 
 fn signal(child: &Child, name: &str) {
@@ -276,51 +335,28 @@ fn upstream_address(url: &str) -> String {
 /// and A writes nothing more of partitions it gave up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_stalled_across_a_rebalance_counts_nothing_twice() {
-    let (broker, topic) = common::dev_broker(4);
-    let brokers = broker.bootstrap_servers();
-    let clickhouse = common::migrated_database().await;
+    let setup = Setup::new(4, "fencing").await;
+    let clickhouse = &setup.clickhouse;
     let proxy = StallProxy::start(upstream_address(&clickhouse.url)).await;
-    let logs = tempfile::tempdir().expect("log dir");
-    let group = common::unique("fencing");
     let mut rng = workload::rng("fencing-stall");
     let mut load = Workload::new();
-    let mix = Mix {
-        users: 100,
-        songs: 20,
-        dup_rate: 0.1,
-        bad_rate: 0.0,
-    };
-    let common_flags = [
-        format!("--group={group}"),
+    let member = [
         "--flush-interval=500ms".to_owned(),
         "--kafka-session-timeout=10s".to_owned(),
     ];
-    let common_flags: Vec<&str> = common_flags.iter().map(String::as_str).collect();
     // The timeout through the environment: a binary without the setting ignores it (so the
     // same test runs against the code before the fix).
     let timeout_env = [("TOPK_AGGREGATOR_CLICKHOUSE_TIMEOUT", "2s")];
 
     // A alone, through the proxy, counts a first load.
-    let log_a = logs.path().join("a.log");
-    let a = aggregate(
-        &flags(
-            &brokers,
-            &topic,
-            &proxy.url(),
-            &clickhouse.database,
-            &common_flags,
-        ),
-        &timeout_env,
-        &log_a,
-    );
-    let first = load.add(&mut rng, 2_000, workload::now_ms(), mix);
-    workload::produce(&brokers, &topic, &load.messages[first]).await;
-    workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(120)).await;
+    let log_a = setup.log("a.log");
+    let a = setup.worker(&proxy.url(), &member, &timeout_env, &log_a);
+    setup.produce(&mut load, &mut rng, 2_000).await;
+    workload::wait_for_total(clickhouse, load.total(), Duration::from_secs(120)).await;
 
     // ClickHouse stalls for A's intents; A's next flush hangs in its intent insert.
     proxy.stall.store(true, Ordering::SeqCst);
-    let second = load.add(&mut rng, 2_000, workload::now_ms(), mix);
-    workload::produce(&brokers, &topic, &load.messages[second]).await;
+    setup.produce(&mut load, &mut rng, 2_000).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while proxy.held() == 0 {
         assert!(
@@ -330,32 +366,21 @@ async fn a_flush_stalled_across_a_rebalance_counts_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // More traffic behind the stalled batch, so B's batches cannot coincide with A's.
-    let third = load.add(&mut rng, 2_000, workload::now_ms(), mix);
-    workload::produce(&brokers, &topic, &load.messages[third]).await;
+    setup.produce(&mut load, &mut rng, 2_000).await;
 
     // B joins, straight to ClickHouse: the group takes partitions from A.
-    let log_b = logs.path().join("b.log");
-    let b = aggregate(
-        &flags(
-            &brokers,
-            &topic,
-            &clickhouse.url,
-            &clickhouse.database,
-            &common_flags,
-        ),
-        &timeout_env,
-        &log_b,
-    );
+    let log_b = setup.log("b.log");
+    let b = setup.worker(&clickhouse.url, &member, &timeout_env, &log_b);
     wait_for_log(&log_a, "partitions released", 1, Duration::from_secs(120)).await;
     // B has read the intents of the partitions it took (none of A's stalled one) ...
     wait_for_log(&log_b, "partition resumed", 1, Duration::from_secs(120)).await;
     // ... when the stalled insert reaches the server, with whatever A sends after it.
     proxy.release();
 
-    wait_for_at_least(&clickhouse, load.total(), Duration::from_secs(120)).await;
+    wait_for_at_least(clickhouse, load.total(), Duration::from_secs(120)).await;
     common::terminate(a).await;
     common::terminate(b).await;
-    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+    setup.assert_totals(&load.truth).await;
     // The inserts held since before the rebalance reached the server after their deadline,
     // which A's revoke waited out before letting the partitions go: refused.
     let answers = proxy.answers();
@@ -363,8 +388,7 @@ async fn a_flush_stalled_across_a_rebalance_counts_nothing_twice() {
         answers.iter().any(|answer| answer.contains("Code: 395")),
         "the intent inserts stalled past the handover must be refused by the server: {answers:?}"
     );
-    drop(broker);
-    common::drop_database(&clickhouse).await;
+    setup.finish().await;
 }
 
 /// Item 2: worker A is frozen (SIGSTOP) with unflushed batches; the group evicts it and B
@@ -373,69 +397,33 @@ async fn a_flush_stalled_across_a_rebalance_counts_nothing_twice() {
 /// they are dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_assignment_is_dropped_unflushed() {
-    let (broker, topic) = common::dev_broker(4);
-    let brokers = broker.bootstrap_servers();
-    let clickhouse = common::migrated_database().await;
-    let logs = tempfile::tempdir().expect("log dir");
-    let group = common::unique("lost");
+    let setup = Setup::new(4, "lost").await;
+    let clickhouse = &setup.clickhouse;
     let mut rng = workload::rng("fencing-lost");
     let mut load = Workload::new();
-    let mix = Mix {
-        users: 100,
-        songs: 20,
-        dup_rate: 0.1,
-        bad_rate: 0.0,
-    };
     let member = |flush: &str| {
         vec![
-            format!("--group={group}"),
             format!("--flush-interval={flush}"),
             "--kafka-session-timeout=3s".to_owned(),
         ]
     };
-    let b_flags = member("300ms");
-    let b_flags: Vec<&str> = b_flags.iter().map(String::as_str).collect();
-    // A never flushes by its timer during the test: what it holds stays unflushed.
-    let a_flags = member("10min");
-    let a_flags: Vec<&str> = a_flags.iter().map(String::as_str).collect();
 
     // B alone counts a first load (so it holds every partition) ...
-    let log_b = logs.path().join("b.log");
-    let b = aggregate(
-        &flags(
-            &brokers,
-            &topic,
-            &clickhouse.url,
-            &clickhouse.database,
-            &b_flags,
-        ),
-        &[],
-        &log_b,
-    );
-    let added = load.add(&mut rng, 1_000, workload::now_ms(), mix);
-    workload::produce(&brokers, &topic, &load.messages[added]).await;
-    workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(60)).await;
-    // ... then A joins and B gives some partitions up to it.
-    let log_a = logs.path().join("a.log");
-    let a = aggregate(
-        &flags(
-            &brokers,
-            &topic,
-            &clickhouse.url,
-            &clickhouse.database,
-            &a_flags,
-        ),
-        &[],
-        &log_a,
-    );
+    let log_b = setup.log("b.log");
+    let b = setup.worker(&clickhouse.url, &member("300ms"), &[], &log_b);
+    setup.produce(&mut load, &mut rng, 1_000).await;
+    workload::wait_for_total(clickhouse, load.total(), Duration::from_secs(60)).await;
+    // ... then A joins and B gives some partitions up to it. A never flushes by its timer
+    // during the test: what it holds stays unflushed.
+    let log_a = setup.log("a.log");
+    let a = setup.worker(&clickhouse.url, &member("10min"), &[], &log_a);
     wait_for_log(&log_b, "partitions released", 1, Duration::from_secs(60)).await;
     // In several separate sends: B, resuming A's partitions later, reads them in several
     // fetches, and its first batch ends at the first fetch boundary its flush timer meets. Were
     // it A's end, the two batches would be the same range, hence the same id and the same rows,
     // and the double count would not show.
     for _ in 0..5 {
-        let added = load.add(&mut rng, 400, workload::now_ms(), mix);
-        workload::produce(&brokers, &topic, &load.messages[added]).await;
+        setup.produce(&mut load, &mut rng, 400).await;
     }
     // A has taken up at least one partition (and counted its messages, unflushed).
     wait_for_log(&log_a, "partition resumed", 1, Duration::from_secs(60)).await;
@@ -445,9 +433,8 @@ async fn a_lost_assignment_is_dropped_unflushed() {
     signal(&a, "STOP");
     // More traffic behind what A holds, so that B's batches of A's partitions cannot coincide
     // with A's (the same range would have the same batch id and hide the double count).
-    let added = load.add(&mut rng, 2_000, workload::now_ms(), mix);
-    workload::produce(&brokers, &topic, &load.messages[added]).await;
-    workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(120)).await;
+    setup.produce(&mut load, &mut rng, 2_000).await;
+    workload::wait_for_total(clickhouse, load.total(), Duration::from_secs(120)).await;
     let released_before = log_lines(&log_a, "partitions released");
     signal(&a, "CONT");
     wait_for_log(
@@ -460,14 +447,13 @@ async fn a_lost_assignment_is_dropped_unflushed() {
 
     common::terminate(a).await;
     common::terminate(b).await;
-    workload::assert_same_totals(&workload::totals(&clickhouse).await, &load.truth);
+    setup.assert_totals(&load.truth).await;
     assert!(
         log_lines(&log_a, "assignment lost") >= 1,
         "A saw its assignment lost; log:\n{}",
         std::fs::read_to_string(&log_a).unwrap_or_default()
     );
-    drop(broker);
-    common::drop_database(&clickhouse).await;
+    setup.finish().await;
 }
 
 /// Item 4: a flush wrote its intent and counts under `--dedup-window=10m` and died before its
@@ -476,11 +462,8 @@ async fn a_lost_assignment_is_dropped_unflushed() {
 /// replace the first attempt's with other counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
-    let (broker, topic) = common::dev_broker(1);
-    let brokers = broker.bootstrap_servers();
-    let clickhouse = common::migrated_database().await;
-    let logs = tempfile::tempdir().expect("log dir");
-    let group = common::unique("rules");
+    let setup = Setup::new(1, "rules").await;
+    let clickhouse = &setup.clickhouse;
     let now = workload::now_ms();
     let play = |id: &str, song: u64, ts: i64| {
         format!(r#"{{"event_id":"{id}","user_id":7,"song_id":{song},"timestamp":{ts}}}"#)
@@ -495,12 +478,12 @@ async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
         (play("x", 1, now - 60_000), now - 30_000),
         (play("v", 5, now - 29_000), now - 29_000),
     ];
-    let producer = topk::kafka::producer(&brokers).expect("producer");
+    let producer = topk::kafka::producer(&setup.brokers).expect("producer");
     // Sent together (one producer, one partition: in order), so the first worker reads them in
     // one burst into one batch.
     let sends = first_run.iter().map(|(payload, ts)| {
         producer.send(
-            FutureRecord::to(&topic)
+            FutureRecord::to(&setup.topic)
                 .key("7")
                 .payload(payload.as_str())
                 .timestamp(*ts),
@@ -512,30 +495,22 @@ async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
     }
 
     // The first worker writes the batch (intent and counts) and is killed before committing.
-    let log_1 = logs.path().join("first.log");
+    let log_1 = setup.log("first.log");
     let run = |window: &str, pause: Option<&str>| {
         let mut extra = vec![
-            format!("--group={group}"),
             format!("--dedup-window={window}"),
             "--flush-interval=300ms".to_owned(),
         ];
         if let Some(pause) = pause {
             extra.push(format!("--test-pause-before-commit={pause}"));
         }
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        flags(
-            &brokers,
-            &topic,
-            &clickhouse.url,
-            &clickhouse.database,
-            &extra,
-        )
+        extra
     };
-    let mut first = aggregate(&run("10m", Some("10min")), &[], &log_1);
-    workload::wait_for_total(&clickhouse, 4, Duration::from_secs(60)).await;
+    let mut first = setup.worker(&clickhouse.url, &run("10m", Some("10min")), &[], &log_1);
+    workload::wait_for_total(clickhouse, 4, Duration::from_secs(60)).await;
     first.start_kill().expect("SIGKILL");
     first.wait().await.expect("reaped");
-    let intents: Vec<(u64, u64)> = topk::olap::client(&clickhouse)
+    let intents: Vec<(u64, u64)> = topk::olap::client(clickhouse)
         .query("SELECT start_offset, end_offset FROM flush_log FINAL ORDER BY start_offset")
         .fetch_all()
         .await
@@ -543,11 +518,11 @@ async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
     assert_eq!(intents, vec![(0, 5)], "one batch recorded, not committed");
 
     // The next worker, with a 1 s window, replays the recorded batch, then counts a new play.
-    let log_2 = logs.path().join("second.log");
-    let second = aggregate(&run("1s", None), &[], &log_2);
+    let log_2 = setup.log("second.log");
+    let second = setup.worker(&clickhouse.url, &run("1s", None), &[], &log_2);
     producer
         .send(
-            FutureRecord::to(&topic)
+            FutureRecord::to(&setup.topic)
                 .key("7")
                 .payload(play("z", 3, now - 4_000).as_str())
                 .timestamp(now - 4_000),
@@ -555,7 +530,7 @@ async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
         )
         .await
         .expect("delivered");
-    wait_for_at_least(&clickhouse, 5, Duration::from_secs(60)).await;
+    wait_for_at_least(clickhouse, 5, Duration::from_secs(60)).await;
     common::terminate(second).await;
     assert_eq!(
         log_lines(&log_2, "replay_intents=1"),
@@ -563,7 +538,7 @@ async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
         "the second worker replayed the recorded intent; log:\n{}",
         std::fs::read_to_string(&log_2).unwrap_or_default()
     );
-    let expected: std::collections::BTreeMap<(u64, u64), u64> = [
+    let expected: BTreeMap<(u64, u64), u64> = [
         ((7, 1), 1),
         ((7, 2), 1),
         ((7, 3), 1),
@@ -572,9 +547,8 @@ async fn a_replay_after_a_dedup_window_change_decides_as_recorded() {
     ]
     .into_iter()
     .collect();
-    workload::assert_same_totals(&workload::totals(&clickhouse).await, &expected);
-    drop(broker);
-    common::drop_database(&clickhouse).await;
+    setup.assert_totals(&expected).await;
+    setup.finish().await;
 }
 
 /// The fence migration runs again without harm: ClickHouse 18.16 has no `ADD COLUMN IF NOT

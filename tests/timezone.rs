@@ -294,41 +294,6 @@ async fn days_are_utc_days_on_a_server_in_another_timezone() {
         .await;
 }
 
-/// Applies the migrations before 008 by hand (as a database deployed before it has them).
-async fn migrate_up_to(args: &ClickHouseArgs, last: u32) {
-    topk::olap::server_client(args)
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {}", args.database))
-        .execute()
-        .await
-        .expect("database");
-    let client = topk::olap::client(args);
-    client
-        .query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations \
-             (version UInt32, name String, applied_at DateTime) \
-             ENGINE = ReplacingMergeTree ORDER BY version",
-        )
-        .execute()
-        .await
-        .expect("schema_migrations");
-    for migration in topk::migrate::MIGRATIONS
-        .iter()
-        .filter(|m| m.version <= last)
-    {
-        for statement in topk::migrate::statements(migration.sql) {
-            client.query(&statement).execute().await.expect("statement");
-        }
-        client
-            .query(&format!(
-                "INSERT INTO schema_migrations VALUES ({}, '{}', now())",
-                migration.version, migration.name
-            ))
-            .execute()
-            .await
-            .expect("record");
-    }
-}
-
 async fn user_touch_count(client: &clickhouse::Client) -> u64 {
     client
         .query("SELECT count() FROM user_touches")
@@ -344,7 +309,10 @@ async fn user_touch_count(client: &clickhouse::Client) -> u64 {
 async fn migration_008_moves_existing_rows_into_utc_day_partitions() {
     let server = PrivateClickHouse::start(TIMEZONE).await;
     let clickhouse = server.args(&common::unique("topk_tz_upgrade"));
-    migrate_up_to(&clickhouse, 7).await;
+    // As a database deployed before 008.
+    topk::migrate::run_through(&clickhouse, 7)
+        .await
+        .expect("migrations before 008");
     let client = topk::olap::client(&clickhouse);
     let store = Store::new(client.clone(), "plays");
     let mut rng = common::workload::rng("timezone-upgrade");

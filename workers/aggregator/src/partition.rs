@@ -575,6 +575,57 @@ mod tests {
             }
         }
 
+        /// The first owner: processes all of `log`, sealing after each offset `cuts` picks and
+        /// at the end; its sealed batches.
+        fn first_owner(log: &[(i64, Vec<u8>)], cuts: &[Index]) -> Vec<Batch> {
+            let cut_after: std::collections::BTreeSet<usize> =
+                cuts.iter().map(|i| i.index(log.len())).collect();
+            let mut first =
+                PartitionState::new(0, Validator::default(), DEDUP_WINDOW, None, Vec::new());
+            for (offset, (ts, payload)) in log.iter().enumerate() {
+                first.process(msg(offset as u64, *ts, payload));
+                if cut_after.contains(&offset) {
+                    first.seal();
+                }
+            }
+            first.seal();
+            first.take_sealed()
+        }
+
+        /// The first owner crashes after committing `batches[..k]`, every intent recorded: the
+        /// committed offset, the intent the next owner resumes from and the ones it replays.
+        fn crash_after(batches: &[Batch], k: usize) -> (u64, Option<Intent>, Vec<Intent>) {
+            let committed = if k == 0 { 0 } else { batches[k - 1].end_offset };
+            let resume = (k > 0).then(|| intent(&batches[k - 1]));
+            let replay = batches[k..].iter().map(intent).collect();
+            (committed, resume, replay)
+        }
+
+        /// The next owner: rebuilds dedup memory and clock from the resume intent, replays the
+        /// recorded intents and reads `log` on from `committed`; its sealed batches.
+        fn next_owner(
+            log: &[(i64, Vec<u8>)],
+            validator: Validator,
+            window: i64,
+            committed: u64,
+            resume: Option<Intent>,
+            replay: Vec<Intent>,
+        ) -> Vec<Batch> {
+            let mut next = PartitionState::new(0, validator, window, resume.as_ref(), replay);
+            if let Some(resume) = resume {
+                for offset in resume.dedup_from..committed {
+                    let (ts, payload) = &log[offset as usize];
+                    next.remember(msg(offset, *ts, payload));
+                }
+                next.resume_clock(resume.max_ts);
+            }
+            for (offset, (ts, payload)) in log.iter().enumerate().skip(committed as usize) {
+                next.process(msg(offset as u64, *ts, payload));
+            }
+            next.seal();
+            next.take_sealed()
+        }
+
         proptest! {
             #[test]
             fn resuming_from_intents_rebuilds_identical_batches(
@@ -590,46 +641,20 @@ mod tests {
                 next_retention_minutes in prop::sample::select(vec![0i64, 5, 8 * 24 * 60]),
             ) {
                 let log = messages(&specs);
-                let cut_after: std::collections::BTreeSet<usize> =
-                    cuts.iter().map(|i| i.index(log.len())).collect();
-
-                // The first owner: processes everything, sealing at the cuts.
-                let mut first = PartitionState::new(0, Validator::default(), DEDUP_WINDOW, None, Vec::new());
-                for (offset, (ts, payload)) in log.iter().enumerate() {
-                    first.process(msg(offset as u64, *ts, payload));
-                    if cut_after.contains(&offset) {
-                        first.seal();
-                    }
-                }
-                first.seal();
-                let batches = first.take_sealed();
+                let batches = first_owner(&log, &cuts);
                 prop_assert!(!batches.is_empty());
 
                 // It crashes after committing batch k-1; every intent was recorded.
                 let k = crash.index(batches.len() + 1);
-                let committed = if k == 0 { 0 } else { batches[k - 1].end_offset };
-                let resume = (k > 0).then(|| intent(&batches[k - 1]));
-                let replay: Vec<Intent> = batches[k..].iter().map(intent).collect();
+                let (committed, resume, replay) = crash_after(&batches, k);
 
-                // The next owner: rebuilds dedup memory from the resume intent, then replays.
                 let next_validator = if next_retention_minutes == 0 {
                     Validator::default()
                 } else {
                     Validator { retention_ms: next_retention_minutes * 60_000 }
                 };
-                let mut next = PartitionState::new(0, next_validator, next_window, resume.as_ref(), replay);
-                if let Some(resume) = resume {
-                    for offset in resume.dedup_from..committed {
-                        let (ts, payload) = &log[offset as usize];
-                        next.remember(msg(offset, *ts, payload));
-                    }
-                    next.resume_clock(resume.max_ts);
-                }
-                for (offset, (ts, payload)) in log.iter().enumerate().skip(committed as usize) {
-                    next.process(msg(offset as u64, *ts, payload));
-                }
-                next.seal();
-                prop_assert_eq!(next.take_sealed(), batches[k..].to_vec());
+                let rebuilt = next_owner(&log, next_validator, next_window, committed, resume, replay);
+                prop_assert_eq!(rebuilt, batches[k..].to_vec());
             }
         }
 
@@ -691,38 +716,16 @@ mod tests {
                         (kafka_ts, payload)
                     })
                     .collect();
-                let cut_after: std::collections::BTreeSet<usize> =
-                    cuts.iter().map(|i| i.index(log.len())).collect();
-
-                let mut first = PartitionState::new(0, Validator::default(), DEDUP_WINDOW, None, Vec::new());
-                for (offset, (ts, payload)) in log.iter().enumerate() {
-                    first.process(msg(offset as u64, *ts, payload));
-                    if cut_after.contains(&offset) {
-                        first.seal();
-                    }
-                }
-                first.seal();
-                let batches = first.take_sealed();
+                let batches = first_owner(&log, &cuts);
                 prop_assert!(!batches.is_empty());
 
                 let k = crash.index(batches.len() + 1);
-                let committed = if k == 0 { 0 } else { batches[k - 1].end_offset };
-                let resume = (k > 0).then(|| intent(&batches[k - 1]));
-                let replay: Vec<Intent> = batches[k..].iter().map(intent).collect();
-                let mut next = PartitionState::new(0, Validator::default(), DEDUP_WINDOW, resume.as_ref(), replay);
-                if let Some(resume) = resume {
+                let (committed, resume, replay) = crash_after(&batches, k);
+                if let Some(resume) = &resume {
                     prop_assert!(resume.dedup_from < committed, "a resume always re-reads");
-                    for offset in resume.dedup_from..committed {
-                        let (ts, payload) = &log[offset as usize];
-                        next.remember(msg(offset, *ts, payload));
-                    }
-                    next.resume_clock(resume.max_ts);
                 }
-                for (offset, (ts, payload)) in log.iter().enumerate().skip(committed as usize) {
-                    next.process(msg(offset as u64, *ts, payload));
-                }
-                next.seal();
-                prop_assert_eq!(next.take_sealed(), batches[k..].to_vec());
+                let rebuilt = next_owner(&log, Validator::default(), DEDUP_WINDOW, committed, resume, replay);
+                prop_assert_eq!(rebuilt, batches[k..].to_vec());
             }
         }
     }
