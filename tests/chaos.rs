@@ -2,9 +2,12 @@
 //! (Redis, ClickHouse, the durable broker tansu) while `topk loadgen` produces at a steady rate
 //! with late, duplicate and malformed events. Meanwhile the aggregator is `kill -9`ed at random
 //! moments (≥ 20 times), the refresher is `kill -9`ed, ClickHouse, Redis and tansu are each
-//! restarted, and Redis and ClickHouse are down together once; a poller reads random users from
-//! the API throughout. Afterwards:
-//! - ClickHouse's per-(user, song) totals equal loadgen's ground truth exactly;
+//! restarted, Redis and ClickHouse are down together once, and ClickHouse is stalled (SIGSTOP)
+//! across a rebalance for longer than a revoke waits for a flush in flight; a producer whose
+//! clock runs ahead adds plays stamped 4 minutes ahead and retries of earlier plays behind
+//! them; a poller reads random users from the API throughout. Afterwards:
+//! - ClickHouse's per-(user, song) totals equal the ground truth exactly (loadgen's and the
+//!   producer ahead's, each play once);
 //! - once the refresher has run a cycle that started after the last flush, every user's answer in
 //!   Redis equals the exact answer computed from ClickHouse (and from the truth);
 //! - every 5xx the API gave is a `503` with a JSON reason and `Retry-After`, and each one overlaps
@@ -190,7 +193,8 @@ impl Drop for PrivateStack {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         let _ = command.status();
-        if std::thread::panicking()
+        // TOPK_CHAOS_KEEP keeps them after a storm that passed too, to study one.
+        if (std::thread::panicking() || std::env::var_os("TOPK_CHAOS_KEEP").is_some())
             && let Some(dir) = self.dir.take()
         {
             eprintln!("chaos: logs and stack data kept in {:?}", dir.keep());
@@ -457,6 +461,176 @@ fn ranked_truth(truth: &BTreeMap<(u64, u64), u64>) -> BTreeMap<u64, Vec<topk::wi
         .collect()
 }
 
+// ---------------------------------------------------------------- the stalled ClickHouse
+
+/// How long ClickHouse stays stopped (SIGSTOP) across a rebalance: longer than the revoke's
+/// wait for a flush in flight (twice the aggregator's `--clickhouse-timeout`, 10 s by default,
+/// in `worker.rs`), so the partitions move while the old owner's insert still hangs.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Sends SIGSTOP or SIGCONT (`signal` without the dash) to `pid`.
+async fn signal(pid: &str, signal: &str) {
+    let status = tokio::process::Command::new("kill")
+        .args([&format!("-{signal}"), pid])
+        .status()
+        .await
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The newest incarnation log of the role `name` in `logs`.
+fn newest_log(logs: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(logs)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(name)?.strip_prefix('-'))
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .max()
+}
+
+/// Waits until the file `log()` names contains `needle`, for at most `limit` (a disruption
+/// aimed at a worker that never got that far still happens, only less precisely).
+/// Whether it came.
+async fn wait_for_line(log: impl Fn() -> Option<PathBuf>, needle: &str, limit: Duration) -> bool {
+    let started = Instant::now();
+    loop {
+        if log()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .is_some_and(|text| text.contains(needle))
+        {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------- the producer ahead
+
+/// Users of the producer whose clock runs ahead: above loadgen's (and the poller's) range, so
+/// its plays are a truth of their own, added to loadgen's.
+const SKEWED_USERS: u64 = 1_000;
+/// How far ahead its clock runs: beyond the storm's 3-minute dedup window (so an old
+/// running-max partition clock would expire every sighting before it), inside the 5-minute
+/// future bound (so its plays are valid and counted at the minute they claim).
+const AHEAD_MS: i64 = 4 * 60 * 1000;
+/// When a retry of one of its plays comes (real time, honest clock): inside the dedup window
+/// with room to spare, after the messages stamped ahead that followed the play.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// A retry later than this after its play is not sent: a busy broker could otherwise deliver
+/// it outside the 3-minute window, where counting it again would be right.
+const RETRY_LATEST: Duration = Duration::from_secs(150);
+
+/// What the producer ahead sent, and the truth of its plays.
+#[derive(Debug, Default)]
+struct Skewed {
+    truth: BTreeMap<(u64, u64), u64>,
+    /// Distinct plays (each counted once), of which `ahead` were stamped ahead.
+    plays: u64,
+    ahead: u64,
+    /// Retries sent (same event_id as an earlier play, honest clock); not counted.
+    retries: u64,
+    /// Retries not sent because they came too late (see `RETRY_LATEST`).
+    late_retries: u64,
+    /// Deliveries that failed and were re-sent with an honest Kafka timestamp.
+    resends: u64,
+    /// The latest event timestamp: the final checks wait until its minute is in the window.
+    latest_ms: i64,
+}
+
+/// Produces `rounds` rounds, one partition after another. A round is a play at the honest
+/// time, a play stamped `AHEAD_MS` ahead (its Kafka timestamp and its event timestamp) and
+/// another honest play, each delivered before the next is sent; `RETRY_AFTER` later the
+/// round's first play is sent again (same bytes, honest Kafka timestamp). The partition clock
+/// moves to the earlier of two consecutive timestamps (`partition.rs`, `advance_clock`), so a
+/// message stamped ahead followed by an honest one moves it not at all and the retry is a
+/// duplicate; under a running-max clock the stamp ahead expires the play's sighting and the
+/// retry counts twice. Two messages stamped ahead in a row would rightly move the clock (and
+/// expire loadgen's originals before their duplicates), so one is never followed by another
+/// of this producer's: the next message sent to its partition is the honest play (loadgen's
+/// may come in between), and it must not run during a broker restart, whose lost
+/// acknowledgements make librdkafka write a message twice.
+async fn produce_skewed(brokers: String, rounds: u64, seed: u64) -> Skewed {
+    let producer = topk::kafka::producer(&brokers).expect("producer");
+    let mut rng: StdRng = rand::SeedableRng::seed_from_u64(seed);
+    let mut skewed = Skewed::default();
+    let mut retries: std::collections::VecDeque<(Instant, i32, u64, String)> =
+        std::collections::VecDeque::new();
+    // Delivered at last, whatever it takes: a failed delivery may still have been written, so
+    // it is re-sent with the same bytes (a duplicate if both arrive) and an honest timestamp.
+    let mut send = async |partition: i32, user: u64, payload: &str, timestamp: i64| {
+        let key = user.to_string();
+        let mut timestamp = timestamp;
+        loop {
+            let record = rdkafka::producer::FutureRecord::to(TOPIC)
+                .partition(partition)
+                .key(&key)
+                .payload(payload)
+                .timestamp(timestamp);
+            match producer.send(record, Duration::from_secs(60)).await {
+                Ok(_) => return,
+                Err((error, _)) => {
+                    eprintln!("chaos: skewed delivery failed ({error}); re-sending");
+                    skewed.resends += 1;
+                    timestamp = common::workload::now_ms();
+                }
+            }
+        }
+    };
+    let mut round = 0;
+    while round < rounds || !retries.is_empty() {
+        if let Some(&(played, partition, user, _)) = retries.front()
+            && played.elapsed() >= RETRY_AFTER
+        {
+            let (_, _, _, payload) = retries.pop_front().expect("front");
+            if played.elapsed() > RETRY_LATEST {
+                skewed.late_retries += 1;
+            } else {
+                send(partition, user, &payload, common::workload::now_ms()).await;
+                skewed.retries += 1;
+            }
+            continue;
+        }
+        if round == rounds {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let partition = i32::try_from(round % PARTITIONS as u64).expect("small");
+        // Each user on one partition, as with keyed traffic: 10 users per partition.
+        let user_of = |rng: &mut StdRng| {
+            SKEWED_USERS + 1 + partition as u64 + PARTITIONS as u64 * rng.random_range(0..10)
+        };
+        for (nth, ahead) in [(0, 0), (1, AHEAD_MS), (2, 0)] {
+            let (user, song) = (user_of(&mut rng), rng.random_range(1..=30u64));
+            let at = common::workload::now_ms() + ahead;
+            let payload = format!(
+                r#"{{"event_id":"skewed-{round}-{nth}","user_id":{user},"song_id":{song},"timestamp":{at}}}"#
+            );
+            let played = Instant::now();
+            send(partition, user, &payload, at).await;
+            *skewed.truth.entry((user, song)).or_default() += 1;
+            skewed.plays += 1;
+            skewed.latest_ms = skewed.latest_ms.max(at);
+            if ahead > 0 {
+                skewed.ahead += 1;
+            }
+            if nth == 0 {
+                retries.push_back((played, partition, user, payload));
+            }
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
+    }
+    skewed
+}
+
 // ---------------------------------------------------------------- the storm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,26 +703,24 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         &exits,
     );
     refresher.start();
-    let mut aggregator = Role::new(
-        "aggregate",
-        [
-            vec![
-                "aggregate".to_owned(),
-                format!("--group={GROUP}"),
-                "--flush-interval=1s".to_owned(),
-                format!("--kafka-session-timeout={session_timeout}"),
-                // loadgen sends a duplicate at most 120 s after its original and re-sends a
-                // failed delivery within ~30 s, so 3 min still drops every copy; the default
-                // 10 min makes each resume re-read the whole storm from tansu.
-                format!("--dedup-window={DEDUP_WINDOW}"),
-            ],
-            stack.flags(true, true, false),
-        ]
-        .concat(),
-        logs.clone(),
-        &exits,
-    );
+    let aggregator_args = [
+        vec![
+            "aggregate".to_owned(),
+            format!("--group={GROUP}"),
+            "--flush-interval=1s".to_owned(),
+            format!("--kafka-session-timeout={session_timeout}"),
+            // loadgen sends a duplicate at most 120 s after its original and re-sends a
+            // failed delivery within ~30 s, so 3 min still drops every copy; the default
+            // 10 min makes each resume re-read the whole storm from tansu.
+            format!("--dedup-window={DEDUP_WINDOW}"),
+        ],
+        stack.flags(true, true, false),
+    ]
+    .concat();
+    let mut aggregator = Role::new("aggregate", aggregator_args.clone(), logs.clone(), &exits);
     aggregator.start();
+    // A second member, started while ClickHouse is stalled (see the disruptions).
+    let mut second = Role::new("aggregate2", aggregator_args, logs.clone(), &exits);
     let truth_path = logs.join("truth.json");
     let mut loadgen = Role::new(
         "loadgen",
@@ -582,7 +754,11 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
 
     // The aggregator: killed at random moments, restarted at once. Every other incarnation
     // pauses between its writes and its commit, so that many kills land in that window.
-    let (killer_seed, disruption_seed): (u64, u64) = (rng.random(), rng.random());
+    let (killer_seed, disruption_seed, skewed_seed): (u64, u64, u64) =
+        (rng.random(), rng.random(), rng.random());
+    // Set while ClickHouse is stalled: the worker with a flush stuck in an insert must live on
+    // while its partitions move to another.
+    let killer_hold = std::sync::atomic::AtomicBool::new(false);
     let killer = async {
         let mut rng: StdRng = rand::SeedableRng::seed_from_u64(killer_seed);
         for round in 0..kills {
@@ -600,6 +776,9 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_500))).await;
+            while killer_hold.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             aggregator.kill_9().await;
             if round % 2 == 0 {
                 aggregator.start_with(&["--test-pause-before-commit=500ms"]);
@@ -627,6 +806,12 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
                 .expect("warmup runs");
             assert!(output.success(), "topk warmup failed; log {log:?}");
         }
+    };
+    // The producer ahead starts after the broker restart (see `produce_skewed`).
+    let broker_restarted = tokio::sync::Notify::new();
+    let skewed = async {
+        broker_restarted.notified().await;
+        produce_skewed(stack.brokers(), 100, skewed_seed).await
     };
     let disruptions = async {
         let mut rng: StdRng = rand::SeedableRng::seed_from_u64(disruption_seed);
@@ -662,6 +847,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             stack.run("up", &["tansu"]).await;
         })
         .await;
+        broker_restarted.notify_one();
 
         tokio::time::sleep(gap()).await;
         phase(
@@ -680,8 +866,70 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         tokio::time::sleep(gap()).await;
         refresher.kill_9().await;
         refresher.start();
+
+        // ClickHouse stalled, not stopped: its port still accepts connections and every
+        // request hangs. Two workers hold partitions and flush every second, so when it stops
+        // both have a flush hanging in an insert. The second is killed and started again: the
+        // group rebalances while the first (the killer holds off) is alive with its flush stuck.
+        // Its revoke waits (at most twice `--clickhouse-timeout`, 20 s), then fences the
+        // partitions and lets them go, all before the stall ends; the stuck inserts, of the
+        // live worker and of the dead one (still in ClickHouse's socket buffers), reach
+        // ClickHouse only after the new owners began to resume: zombie flushes, which must not
+        // count twice.
+        tokio::time::sleep(gap()).await;
+        killer_hold.store(true, std::sync::atomic::Ordering::SeqCst);
+        second.start();
+        let (first_ready, second_ready) = tokio::join!(
+            wait_for_line(
+                || newest_log(&logs, "aggregate"),
+                "partition resumed",
+                Duration::from_secs(90),
+            ),
+            wait_for_line(
+                || Some(second.current_log()),
+                "partition resumed",
+                Duration::from_secs(90),
+            ),
+        );
+        // A flush tick or two: both workers are flushing.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let pid = std::fs::read_to_string(stack.path().join("stack/clickhouse.pid"))
+            .expect("clickhouse pid file");
+        let pid = pid.trim();
+        phase(
+            &phases,
+            format!("clickhouse stalled {STALL:?} across a rebalance"),
+            true,
+            async {
+                signal(pid, "STOP").await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                second.kill_9().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                second.start();
+                tokio::time::sleep(STALL - Duration::from_secs(4)).await;
+                signal(pid, "CONT").await;
+                // The outage lasts until ClickHouse answers a query again (not only its ping):
+                // it first works off every request that queued up during the stall.
+                let client = topk::olap::client(&stack.clickhouse());
+                while client.query("SELECT 1").fetch_one::<u8>().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        )
+        .await;
+        killer_hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        // And the second worker dies once it holds partitions: another rebalance, replaying.
+        wait_for_line(
+            || Some(second.current_log()),
+            "partition resumed",
+            Duration::from_secs(60),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_500))).await;
+        second.kill_9().await;
+        (first_ready, second_ready)
     };
-    tokio::join!(killer, disruptions);
+    let ((), stall_ready, skewed) = tokio::join!(killer, disruptions, skewed);
     let storm_ended = Instant::now();
 
     // Traffic stops; loadgen writes its truth on SIGTERM.
@@ -689,6 +937,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     serve.check();
     refresher.check();
     aggregator.check();
+    second.check();
     // The kills are over: the last incarnation drains the backlog. Not restarted: a new member
     // would resume every partition again, re-reading its dedup window from tansu, whose load
     // slows its heartbeat answers (see TANSU_FETCH_OPTIONS).
@@ -751,18 +1000,28 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         serde_json::from_slice(&std::fs::read(&truth_path).expect("truth written"))
             .expect("truth parses");
     assert!(truth.duplicates > 0 && truth.malformed > 0, "{truth:?}");
-    let expected: BTreeMap<(u64, u64), u64> = truth
+    let mut expected: BTreeMap<(u64, u64), u64> = truth
         .totals
         .iter()
         .map(|&[user, song, plays]| ((user, song), plays))
         .collect();
+    assert!(
+        expected.keys().all(|&(user, _)| user <= SKEWED_USERS),
+        "loadgen's users overlap the producer ahead's"
+    );
+    // The producer ahead's plays, each once (its retries are duplicates).
+    expected.extend(&skewed.truth);
     common::workload::assert_same_totals(
         &common::workload::totals(&stack.clickhouse()).await,
         &expected,
     );
 
     // Redis: wait for two cycles to end after the drain (the second started after it) with no
-    // failed chunk; then every user's cached answer must be the exact one.
+    // failed chunk; then every user's cached answer must be the exact one. The plays stamped
+    // ahead enter the window when their minute comes: until then no answer has them.
+    while common::workload::now_ms() <= skewed.latest_ms {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let log = refresher.current_log();
     let before = cycles_done(&log).len();
     loop {
@@ -901,17 +1160,32 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         .filter(|line| !line.contains("replay_intents=0"))
         .count();
     let resends = log_lines("delivery failed; re-sending").len();
+    // Revokes that gave up on a flush in flight (the stall) and fenced the partitions.
+    let unflushed_releases = log_lines("partitions released")
+        .iter()
+        .filter(|line| line.contains("flushed=false"))
+        .count();
     eprintln!(
         "chaos: {} plays ({} duplicates, {} malformed), {} aggregator starts, {} refresher starts, \
          {} partition resumes ({replays} replaying intents), {resends} loadgen re-send rounds, \
          {drain_restarts} worker restarts for a stuck drain ({broker_restarts} with tansu), \
+         {unflushed_releases} releases without a flush, ClickHouse stalled {STALL:?} across a \
+         second worker's {} starts (both workers held partitions before it: {stall_ready:?}); \
+         producer ahead: {} plays ({} stamped {AHEAD_MS} ms ahead), \
+         {} retries ({} too late, not sent), {} re-sends; \
          {} API requests by status {by_status:?}; storm {:?}, drained {:?} later; phases {phase_list:#?}",
         truth.plays,
         truth.duplicates,
         truth.malformed,
-        aggregator.starts,
+        aggregator.starts + second.starts,
         refresher.starts,
         resumes.len(),
+        second.starts,
+        skewed.plays,
+        skewed.ahead,
+        skewed.retries,
+        skewed.late_retries,
+        skewed.resends,
         samples.len(),
         storm_ended.duration_since(test_started),
         drained.duration_since(storm_ended),
