@@ -7,31 +7,39 @@
 -- KEYS[2i-1]  <prefix>:{<user_id>}:songs  user i's sorted set, member = song_id, score = plays
 -- KEYS[2i]    <prefix>:{<user_id>}:meta   user i's hash
 -- ARGV[1]  computed_at_ms   version of this computation: ms since the epoch at which it read
---                           ClickHouse (integer). A stored version greater than this one wins.
+--                           ClickHouse (integer). A stored version greater than this one wins,
+--                           unless it is more than max_ahead_ms greater (see ARGV[7]).
 -- ARGV[2]  ttl_ms           TTL of both keys of a non-empty answer (integer ms, > 0)
 -- ARGV[3]  tombstone_ttl_ms TTL of the tombstone an empty answer leaves (integer ms, > 0)
 -- ARGV[4]  computed_at      RFC 3339
 -- ARGV[5]  window_start     RFC 3339
 -- ARGV[6]  window_end       RFC 3339
+-- ARGV[7]  max_ahead_ms     how far a stored version may be ahead of this writer's clock (integer
+--                           ms, >= 0). Versions are writers' clocks, synchronised within this
+--                           bound; one further ahead was not written by a writer (a hand-written
+--                           or poisoned meta, a clock years off) and would refuse every honest
+--                           rewrite forever, so it is treated as corrupt and overwritten.
 -- then, for each user i in KEYS order: n_i (its number of songs, >= 0), followed by n_i pairs
 -- plays, song_id (ZADD order).
 --
 -- Returns one code per user, in KEYS order: 1 when the answer was written, 2 when it was empty
 -- (the songs key is deleted and the meta key becomes a tombstone holding only `computed_at_ms`,
 -- so that an older non-empty answer still in flight cannot resurrect the user; it expires after
--- tombstone_ttl_ms, leaving no keys), 0 when refused because the stored version is newer. An
+-- tombstone_ttl_ms, leaving no keys), 0 when refused because the stored version is newer; 3 and
+-- 4 are 1 and 2 written over a corrupt version (more than max_ahead_ms ahead). An
 -- equal version is rewritten: a retried call is idempotent. Arguments are checked before any
 -- write: a malformed call changes nothing.
 local version = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local tombstone_ttl = tonumber(ARGV[3])
+local max_ahead = tonumber(ARGV[7])
 local users = #KEYS / 2
 if not version or not ttl or ttl <= 0 or not tombstone_ttl or tombstone_ttl <= 0
-    or #ARGV < 6 or users < 1 or #KEYS % 2 ~= 0 then
+    or not max_ahead or max_ahead < 0 or #ARGV < 7 or users < 1 or #KEYS % 2 ~= 0 then
   return redis.error_reply('replace_top: bad arguments')
 end
 local counts = {}
-local next_arg = 7
+local next_arg = 8
 for i = 1, users do
   local n = tonumber(ARGV[next_arg])
   if not n or n < 0 or n % 1 ~= 0 then
@@ -45,11 +53,12 @@ if next_arg ~= #ARGV + 1 then
 end
 
 local codes = {}
-next_arg = 7
+next_arg = 8
 for i = 1, users do
   local songs, meta, n = KEYS[2 * i - 1], KEYS[2 * i], counts[i]
   local stored = tonumber(redis.call('HGET', meta, 'computed_at_ms'))
-  if stored and stored > version then
+  local corrupt = stored ~= nil and stored > version + max_ahead
+  if stored and stored > version and not corrupt then
     codes[i] = 0
   else
     redis.call('DEL', songs, meta)
@@ -65,6 +74,7 @@ for i = 1, users do
       redis.call('PEXPIRE', meta, ttl)
       codes[i] = 1
     end
+    if corrupt then codes[i] = codes[i] + 2 end
   end
   next_arg = next_arg + 1 + 2 * n
 end

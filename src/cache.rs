@@ -302,6 +302,13 @@ pub async fn read_cached_on<C: redis::aio::ConnectionLike>(
 pub static REPLACE_TOP: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/replace_top.lua")));
 
+/// How far a stored version (`computed_at_ms`, a writer's clock) may be ahead of a reader's or a
+/// writer's clock. Writers' clocks are synchronised (NTP) far within it; a version further ahead
+/// was not written by a writer of this system (a hand-written or poisoned meta, a clock years
+/// off): readers treat it as a miss, and `replace_top.lua` overwrites it instead of letting it
+/// refuse every honest rewrite forever.
+pub const MAX_VERSION_AHEAD: Duration = Duration::from_secs(300);
+
 /// Script calls in flight on one cluster connection while a chunk is written. The connection
 /// is multiplexed, so concurrent calls share round trips.
 const IN_FLIGHT: usize = 256;
@@ -319,9 +326,15 @@ pub enum Outcome {
 
 impl Outcome {
     fn from_reply(reply: i64) -> Result<Self, RedisError> {
+        if reply == 3 || reply == 4 {
+            // Written over a version more than MAX_VERSION_AHEAD in the future: not one of
+            // ours (poisoned or hand-edited), so worth an operator's look.
+            metrics::counter!("topk_cache_future_versions_overwritten_total").increment(1);
+            tracing::warn!("a stored answer's version was far in the future; overwritten");
+        }
         match reply {
-            1 => Ok(Outcome::Written),
-            2 => Ok(Outcome::Emptied),
+            1 | 3 => Ok(Outcome::Written),
+            2 | 4 => Ok(Outcome::Emptied),
             0 => Ok(Outcome::Refused),
             other => Err(RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
@@ -370,7 +383,8 @@ fn invocation<'a>(
         .arg(millis(target.tombstone_ttl))
         .arg(rfc3339_ms(computed_at_ms))
         .arg(window.start_rfc3339())
-        .arg(window.end_rfc3339());
+        .arg(window.end_rfc3339())
+        .arg(millis(MAX_VERSION_AHEAD));
     for answer in answers {
         call.arg(answer.songs.len());
         for song in answer.songs {

@@ -18,11 +18,11 @@ use common::plays::{DAY, MINUTE, Play, oracle};
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use topk::cache::{Answer, Redis, Target, replace};
+use topk::cache::{Answer, Outcome, Redis, Target, replace};
 use topk::clock::ManualClock;
 use topk::config::{ClickHouseArgs, RedisArgs};
 use topk::query::TopQuery;
-use topk::window::{MAX_LIMIT, RankedSong, Window, rank, rfc3339_ms};
+use topk::window::{DEFAULT_LIMIT, MAX_LIMIT, RankedSong, Window, rank, rfc3339_ms};
 use topk_aggregator::store::Store;
 use topk_api::auth::Auth;
 use topk_api::{ApiSettings, AppState};
@@ -922,6 +922,72 @@ async fn ids_above_2_53_are_also_exact_decimal_strings() {
             ("9007199254740992".to_owned(), 2),
             ("18446744073709551615".to_owned(), 1)
         ]
+    );
+    common::drop_database(&clickhouse).await;
+}
+
+/// A meta whose version is years ahead (written by whoever reached Redis) is not an answer of
+/// this system: it is never served, and the write-back replaces it with the exact answer, which
+/// later reads then get from the cache (before, it was served as fresh forever and the version
+/// guard refused every honest rewrite).
+#[tokio::test]
+async fn a_version_from_the_future_in_redis_is_overwritten_not_served() {
+    let clickhouse = common::migrated_database().await;
+    let now = fixed_now();
+    let user = 9;
+    let plays: Vec<Play> = [(7u64, 3), (8, 1)]
+        .into_iter()
+        .flat_map(|(song, n)| {
+            (0..n).map(move |i| Play {
+                user,
+                song,
+                ts: now - (i + 1) * MINUTE,
+            })
+        })
+        .collect();
+    let store = Store::new(topk::olap::client(&clickhouse), "plays");
+    common::plays::flush(&store, &plays, 0).await;
+    let redis = common::redis_args();
+    let mut conn = Redis::connect(&redis)
+        .expect("pool")
+        .get()
+        .await
+        .expect("conn");
+    let target = Target {
+        prefix: redis.prefix.clone(),
+        ttl: Duration::from_secs(600),
+        tombstone_ttl: Duration::from_secs(600),
+    };
+    let poison = rank(vec![(666, 1_000)], MAX_LIMIT);
+    let ten_years_ms = 10 * 365 * DAY;
+    let stored = replace(
+        &mut conn,
+        &target,
+        &Answer {
+            user_id: user,
+            songs: &poison,
+        },
+        Window::at(now + ten_years_ms),
+        now + ten_years_ms,
+    )
+    .await
+    .expect("replace");
+    assert_eq!(stored, Outcome::Written);
+
+    let app = state(&redis, &clickhouse, now, settings(), None);
+    let exact = rank(vec![(7, 3), (8, 1)], DEFAULT_LIMIT);
+    let uri = format!("/v1/users/{user}/top-songs");
+    let (status, _, body) = get(&app, &uri, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        answer_json(user, Window::at(now), now, "olap", false, &exact)
+    );
+    let (_, _, body) = get(&app, &uri, None).await;
+    assert_eq!(
+        body,
+        answer_json(user, Window::at(now), now, "cache", false, &exact),
+        "the write-back replaced the poisoned entry"
     );
     common::drop_database(&clickhouse).await;
 }

@@ -270,8 +270,10 @@ async fn replace_top_contract_and_guard() {
     wait_for_no_keys(&mut conn, prefix, 42).await;
 
     // Bad arguments are refused by the script itself.
-    let bad_version = ["not-a-number", "1000", "1000", "a", "b", "c", "0"];
+    let bad_version = ["not-a-number", "1000", "1000", "a", "b", "c", "300000", "0"];
     assert_refused_untouched(&mut conn, prefix, &[1], &bad_version).await;
+    let bad_max_ahead = ["1000", "1000", "1000", "a", "b", "c", "-1", "0"];
+    assert_refused_untouched(&mut conn, prefix, &[1], &bad_max_ahead).await;
 }
 
 /// On one server a script call stores many users' answers (`replace_all` sends them in calls of
@@ -350,6 +352,7 @@ async fn replace_top_stores_many_users_per_call() {
         "a",
         "b",
         "c",
+        "300000",
         "1",
         "5",
         "9",

@@ -176,6 +176,17 @@ pub async fn answer(
         }
     };
     let max_age = i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX);
+    let max_ahead = i64::try_from(cache::MAX_VERSION_AHEAD.as_millis()).unwrap_or(i64::MAX);
+    // An entry from further in the future than any writer's clock can be was not written by a
+    // writer (a poisoned or hand-edited meta): never fresh, never served even as stale, and the
+    // write-back below overwrites it.
+    let cached = cached.filter(|hit| {
+        let future = hit.computed_at_ms.saturating_sub(now) > max_ahead;
+        if future {
+            observe::cache("future");
+        }
+        !future
+    });
     match &cached {
         Some(hit) if now.saturating_sub(hit.computed_at_ms) <= max_age => {
             observe::cache("hit");
