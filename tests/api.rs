@@ -28,7 +28,7 @@ use topk_api::auth::Auth;
 use topk_api::{ApiSettings, AppState};
 use tower::ServiceExt as _;
 
-const SECRET: &[u8] = b"test-secret-of-the-api";
+const SECRET: &[u8] = b"test-secret-of-the-api-32-bytes-long";
 
 /// A fixed "now" (the test's start), so the window cannot move between an answer and its oracle.
 fn fixed_now() -> i64 {
@@ -530,6 +530,7 @@ async fn jwt_auth() {
     let admin_list = token(json!({"sub": "7", "exp": exp_in(600), "scope": ["admin"]}));
     let expired = token(json!({"sub": "2", "exp": exp_in(-600)}));
     let no_exp = token(json!({"sub": "2"}));
+    let not_yet = token(json!({"sub": "2", "exp": exp_in(1200), "nbf": exp_in(600)}));
     let wrong_key = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &json!({"sub": "2", "exp": exp_in(600)}),
@@ -537,9 +538,12 @@ async fn jwt_auth() {
     )
     .expect("token");
 
-    let (status, _, body) = get(&app, "/v1/users/2/top-songs", Some(&own)).await;
+    let (status, headers, body) = get(&app, "/v1/users/2/top-songs", Some(&own)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["songs"], songs_json(&expected[&2]));
+    // One listener's answer: no shared cache may keep it or give it to another token.
+    assert_eq!(headers[header::CACHE_CONTROL], "private");
+    assert_eq!(headers[header::VARY], "authorization");
     let (status, _, body) = get(&app, "/v1/me/top-songs", Some(&own)).await;
     assert_eq!((status, &body["user_id"]), (StatusCode::OK, &json!(2)));
     assert_eq!(body["songs"], songs_json(&expected[&2]));
@@ -565,6 +569,7 @@ async fn jwt_auth() {
         (Some(wrong_key.as_str()), "invalid token"),
         (Some(expired.as_str()), "expired"),
         (Some(no_exp.as_str()), "exp"),
+        (Some(not_yet.as_str()), "not valid yet"),
     ] {
         for uri in ["/v1/users/2/top-songs", "/v1/me/top-songs"] {
             let (status, headers, body) = get(&app, uri, token).await;
@@ -990,4 +995,30 @@ async fn a_version_from_the_future_in_redis_is_overwritten_not_served() {
         "the write-back replaced the poisoned entry"
     );
     common::drop_database(&clickhouse).await;
+}
+
+/// The HS256 secret must be at least 256 bits (RFC 7518 section 3.2), and a secret file loses
+/// one trailing newline and nothing else: a binary secret may end in whitespace bytes.
+#[test]
+fn jwt_secrets_are_long_enough_and_kept_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    };
+    let short = file("short", b"0123456789012345678901234567890\n");
+    let error = topk_api::configured_secret(Some(&short)).expect_err("31 bytes refused");
+    assert!(error.to_string().contains("31 bytes"), "{error}");
+    let binary: Vec<u8> = (0u8..30).chain([b' ', b'\t']).collect();
+    let kept = file("binary", &binary);
+    assert_eq!(
+        topk_api::configured_secret(Some(&kept)).expect("32 bytes"),
+        Some(binary.clone())
+    );
+    let text = file("text", b"0123456789abcdef0123456789abcdef\r\n");
+    assert_eq!(
+        topk_api::configured_secret(Some(&text)).expect("text"),
+        Some(b"0123456789abcdef0123456789abcdef".to_vec())
+    );
 }

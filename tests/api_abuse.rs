@@ -31,7 +31,7 @@ const MAX_IN_FLIGHT: usize = 8;
 /// the whole run peaks near 20 MiB). 64 MiB leaves room for allocator slack and is far below
 /// what 2,000 unbounded connections each buffering a 100 KB head would take (200 MB).
 const MAX_RSS_BYTES: u64 = 64 * 1024 * 1024;
-const SECRET: &str = "abuse-test-secret";
+const SECRET: &str = "abuse-test-secret-of-at-least-32-bytes";
 
 /// One HTTP response, as read off the socket.
 #[derive(Debug)]

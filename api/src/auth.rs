@@ -49,10 +49,11 @@ struct Claims {
 
 impl Auth {
     /// HS256 with `secret`; `exp` required and checked with no leeway (an expired token is
-    /// expired).
+    /// expired), and `nbf`, when present, too (a token is not valid before it).
     pub fn hs256(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         Auth {
             key: DecodingKey::from_secret(secret),
@@ -78,6 +79,9 @@ impl Auth {
             |error| match error.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
                     AppError::Unauthorized("token expired".to_owned())
+                }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    AppError::Unauthorized("token not valid yet (`nbf`)".to_owned())
                 }
                 jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) => {
                     AppError::Unauthorized(format!("token lacks the `{claim}` claim"))

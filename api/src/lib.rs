@@ -160,8 +160,11 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the JWT secret is empty")]
-    EmptySecret,
+    #[error(
+        "the JWT secret has {bytes} bytes; HS256 needs at least {MIN_SECRET_BYTES} (256 bits, \
+         RFC 7518 section 3.2): generate one with `head -c 32 /dev/urandom > secret`"
+    )]
+    ShortSecret { bytes: usize },
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -219,8 +222,14 @@ impl AppState {
     }
 }
 
+/// Shortest HS256 secret accepted: a key as long as the hash (RFC 7518 section 3.2); a shorter
+/// one can be brute-forced offline from any token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// The HS256 secret configured by `--auth-secret-file` or `TOPK_JWT_SECRET` (the file wins),
-/// trailing newline removed. `None`: authentication off.
+/// with one trailing newline (`\n` or `\r\n`, as editors and `echo` leave) removed and nothing
+/// else: a binary secret may end in bytes that look like whitespace. At least
+/// [`MIN_SECRET_BYTES`]. `None`: authentication off.
 pub fn configured_secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, ServeError> {
     let secret = match file {
         Some(path) => std::fs::read(path).map_err(|source| ServeError::Secret {
@@ -232,11 +241,16 @@ pub fn configured_secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8
             None => return Ok(None),
         },
     };
-    let trimmed = secret.trim_ascii_end().to_vec();
-    if trimmed.is_empty() {
-        return Err(ServeError::EmptySecret);
+    let secret = match secret.strip_suffix(b"\n") {
+        Some(line) => line.strip_suffix(b"\r").unwrap_or(line).to_vec(),
+        None => secret,
+    };
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(ServeError::ShortSecret {
+            bytes: secret.len(),
+        });
     }
-    Ok(Some(trimmed))
+    Ok(Some(secret))
 }
 
 /// The routes. Every request runs under the request deadline and is observed (trace span,

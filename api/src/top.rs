@@ -15,7 +15,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{CACHE_CONTROL, VARY};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use topk::cache::{self, Answer, Target};
@@ -138,6 +139,11 @@ pub async fn my_top_songs(
 async fn respond(state: &Inner, user_id: u64, limit: usize) -> Result<Response, AppError> {
     let (answer, source) = answer(state, user_id, limit).await?;
     let mut response = Json(answer).into_response();
+    // One listener's answer, and (with auth on) only for its own token: no shared cache (a CDN,
+    // a corporate proxy) may store it or hand it to another client.
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("private"));
+    headers.insert(VARY, HeaderValue::from_static("authorization"));
     response.extensions_mut().insert(source);
     Ok(response)
 }
