@@ -65,9 +65,7 @@ fn every_role_reads_the_variables_compose_sets() {
     let mut roles = BTreeSet::new();
     let (mut read, mut shared) = (BTreeSet::new(), BTreeSet::new());
     for (name, service) in services {
-        let long_running = service.get("restart").is_none()
-            && !matches!(name.as_str(), "create-topics" | "migrate" | "warmup");
-        if long_running {
+        if !ONE_SHOT.contains(&name.as_str()) {
             assert!(
                 service.get("healthcheck").is_some(),
                 "{name} has no healthcheck"
@@ -146,6 +144,146 @@ fn every_role_reads_the_variables_compose_sets() {
             ports.iter().any(|p| p.as_str() == Some(port)),
             "{service} publishes {port}"
         );
+    }
+}
+
+/// The services that run once and exit (`restart: on-failure`); every other one runs for good.
+const ONE_SHOT: [&str; 4] = ["create-topics", "migrate", "warmup", "create-bucket"];
+
+/// Every image the deployment pulls, pinned: a tag that is not published any more (MinIO left
+/// Docker Hub in 2026-09) fails `docker compose up` at the pull.
+const IMAGES: [(&str, &str); 5] = [
+    ("kafka", "apache/kafka:3.9.1"),
+    ("clickhouse", "clickhouse/clickhouse-server:25.8"),
+    ("redis", "redis:7.4"),
+    ("s3", "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"),
+    (
+        "create-bucket",
+        "quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z",
+    ),
+];
+
+/// Seconds of a compose duration such as `45s` or `1m30s`.
+fn seconds(duration: &str) -> u64 {
+    humantime::parse_duration(duration)
+        .unwrap_or_else(|_| panic!("a compose duration: {duration}"))
+        .as_secs()
+}
+
+/// What no Docker engine is needed to check: the deployment keeps its data across `down` + `up`
+/// (named volumes where each image writes), restarts what runs for good, gives the roles that
+/// flush on SIGTERM time to finish, hands host clients a Kafka address they can reach, starts
+/// the API after the schema, pulls only pinned images that exist, and builds from the sources
+/// only.
+#[test]
+fn compose_keeps_data_restarts_roles_and_lets_them_finish() {
+    let compose = compose();
+    let services = compose["services"].as_object().expect("services");
+    let declared: BTreeSet<&str> = compose["volumes"]
+        .as_object()
+        .expect("named volumes")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mounts = |name: &str| -> Vec<(String, String)> {
+        services[name]["volumes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has volumes"))
+            .iter()
+            .map(|v| {
+                let (volume, path) = v
+                    .as_str()
+                    .expect("short syntax")
+                    .split_once(':')
+                    .expect("v:p");
+                (volume.to_owned(), path.to_owned())
+            })
+            .collect()
+    };
+    let kafka_env = &services["kafka"]["environment"];
+    let log_dirs = kafka_env["KAFKA_LOG_DIRS"]
+        .as_str()
+        .expect("KAFKA_LOG_DIRS set");
+    for (service, path) in [
+        ("kafka", log_dirs),
+        ("clickhouse", "/var/lib/clickhouse"),
+        ("redis", "/data"),
+        ("s3", "/data"),
+    ] {
+        let mounted = mounts(service);
+        assert!(
+            mounted
+                .iter()
+                .any(|(volume, at)| at == path && declared.contains(volume.as_str())),
+            "{service} keeps {path} on a named volume: {mounted:?}"
+        );
+    }
+    let redis_command: Vec<&str> = services["redis"]["command"]
+        .as_array()
+        .expect("redis command")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        redis_command
+            .windows(2)
+            .any(|w| w == ["--appendonly", "yes"]),
+        "redis persists its writes: {redis_command:?}"
+    );
+
+    // Host clients get localhost:9092 (the published port); containers the internal listener,
+    // which is what the roles are given.
+    let advertised = kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+        .as_str()
+        .expect("advertised");
+    assert!(advertised.contains("://localhost:9092"), "{advertised}");
+    let brokers = services["aggregator"]["environment"]["TOPK_KAFKA_BROKERS"]
+        .as_str()
+        .expect("brokers");
+    assert!(
+        advertised.contains(&format!("://{brokers}")),
+        "the roles' brokers {brokers} are an advertised listener: {advertised}"
+    );
+
+    for (name, service) in services {
+        let restart = service["restart"].as_str().unwrap_or("no");
+        if ONE_SHOT.contains(&name.as_str()) {
+            assert_eq!(restart, "on-failure", "{name} runs once");
+        } else {
+            assert_eq!(restart, "unless-stopped", "{name} runs for good");
+        }
+        if let Some(image) = service["image"].as_str() {
+            assert!(
+                IMAGES.contains(&(name.as_str(), image)),
+                "{name}: image {image} is not on the pinned list"
+            );
+        }
+    }
+    // The final flush (aggregator) and upload (archiver) get their whole 30 s shutdown timeout
+    // (`--shutdown-timeout`) before compose's SIGKILL; the API its 10 s drain.
+    for (role, needed) in [("aggregator", 30), ("archiver", 30), ("api", 10)] {
+        let grace = services[role]["stop_grace_period"]
+            .as_str()
+            .map_or(10, seconds);
+        assert!(
+            grace > needed,
+            "{role}: stop_grace_period {grace}s <= {needed}s"
+        );
+    }
+    assert_eq!(
+        services["api"]["depends_on"]["migrate"]["condition"], "service_completed_successfully",
+        "the API starts after the schema"
+    );
+
+    let ignore = std::fs::read_to_string(common::workspace_root().join(".dockerignore"))
+        .expect(".dockerignore beside the Dockerfile");
+    let ignored: BTreeSet<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for path in ["target/", ".stack/", ".git/", ".env"] {
+        assert!(ignored.contains(path), ".dockerignore leaves out {path}");
     }
 }
 
