@@ -46,7 +46,8 @@ pub struct Batch {
     pub end_offset: u64,
     /// Kafka timestamp of the first message: tells two incarnations of a topic apart.
     pub first_ts: i64,
-    /// Effective time (running maximum of message timestamps) after the last message.
+    /// The partition's clock after the last message (`PartitionState::advance_clock`: never moved
+    /// by one message stamped ahead).
     pub max_ts: i64,
     pub counts: Counts,
     pub dead_letters: Vec<DeadLetter>,
