@@ -1022,3 +1022,52 @@ fn jwt_secrets_are_long_enough_and_kept_byte_for_byte() {
         Some(b"0123456789abcdef0123456789abcdef".to_vec())
     );
 }
+
+/// `/readyz` needs no token and sits outside the in-flight bound: 40 concurrent calls (and a
+/// loop of them) must not become 40 ClickHouse queries. Here ClickHouse accepts connections and
+/// never answers; every check that reaches it is one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readyz_loop_checks_clickhouse_once_a_second() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (listener, port) = hanging_listener();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let clickhouse = clickhouse_at(&format!("http://127.0.0.1:{port}"));
+    let fast = ApiSettings {
+        olap_timeout: Duration::from_millis(300),
+        ..settings()
+    };
+    let app = state(&common::redis_args(), &clickhouse, fixed_now(), fast, None);
+    let calls = (0..40).map(|_| {
+        let app = app.clone();
+        tokio::spawn(async move { get(&app, "/readyz", None).await })
+    });
+    for call in futures::future::join_all(calls).await {
+        let (status, _, ready) = call.expect("joined");
+        assert_eq!(
+            (status, ready),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"redis": true, "clickhouse": false})
+            )
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one check for 40 calls");
+    // Once the result is older than a second, the next call checks again.
+    tokio::time::sleep(topk_api::top::READINESS_TTL).await;
+    let (status, _, _) = get(&app, "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "checked again after the TTL"
+    );
+}

@@ -188,6 +188,9 @@ pub struct Inner {
     /// `None`: authentication off.
     pub auth: Option<auth::Auth>,
     pub metrics: observe::Metrics,
+    /// The last readiness result and when it was taken (`/readyz` answers from it for
+    /// `top::READINESS_TTL`).
+    pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, top::Ready)>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -218,6 +221,7 @@ impl AppState {
             settings,
             auth,
             metrics: observe::Metrics::install(),
+            readiness: tokio::sync::Mutex::new(None),
         }))
     }
 }

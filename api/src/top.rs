@@ -276,7 +276,7 @@ pub struct Health {
 }
 
 /// `/readyz`.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ready {
     /// Redis answered a PING within `--redis-timeout`.
     pub redis: bool,
@@ -301,6 +301,31 @@ pub async fn healthz() -> Json<Health> {
     ))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
     let state = &state.0;
+    // One check at a time, its result kept for `READINESS_TTL`: `/readyz` needs no token and
+    // sits outside the in-flight bound, so a loop on it must not turn into a ClickHouse query
+    // and two Redis round trips per call. Callers arriving during a check wait for its result.
+    let mut last = state.readiness.lock().await;
+    let ready = match &*last {
+        Some((at, ready)) if at.elapsed() < READINESS_TTL => ready.clone(),
+        _ => {
+            let ready = check_readiness(state).await;
+            *last = Some((std::time::Instant::now(), ready.clone()));
+            ready
+        }
+    };
+    drop(last);
+    let status = if ready.redis && ready.clickhouse {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(ready))
+}
+
+/// How long a readiness result answers `/readyz` (a load balancer polls every few seconds).
+pub const READINESS_TTL: Duration = Duration::from_secs(1);
+
+async fn check_readiness(state: &Inner) -> Ready {
     let (redis, clickhouse) = tokio::join!(
         within(state.settings.redis_timeout, state.redis.redis().ping()),
         within(
@@ -308,16 +333,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Ready>) 
             topk::olap::ping(&state.clickhouse)
         ),
     );
-    let ready = Ready {
+    Ready {
         redis: redis.is_ok(),
         clickhouse: clickhouse.is_ok(),
-    };
-    let status = if ready.redis && ready.clickhouse {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(ready))
+    }
 }
 
 #[cfg(test)]
