@@ -1071,3 +1071,60 @@ async fn a_readyz_loop_checks_clickhouse_once_a_second() {
         "checked again after the TTL"
     );
 }
+
+/// A flood of reads of uncached ids cannot queue one ClickHouse computation per read: past
+/// `--max-olap-in-flight` a miss is shed at once with a `503` and its reason. Here ClickHouse
+/// accepts and never answers, so the computations in flight are the ones holding slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_beyond_the_olap_bound_are_shed_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (listener, port) = hanging_listener();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let clickhouse = clickhouse_at(&format!("http://127.0.0.1:{port}"));
+    let bounded = ApiSettings {
+        olap_timeout: Duration::from_millis(800),
+        max_olap_in_flight: 2,
+        ..settings()
+    };
+    let app = state(
+        &common::redis_args(),
+        &clickhouse,
+        fixed_now(),
+        bounded,
+        None,
+    );
+    let calls = (1..=10u64).map(|user| {
+        let app = app.clone();
+        tokio::spawn(async move { get(&app, &format!("/v1/users/{user}/top-songs"), None).await })
+    });
+    let mut reasons = BTreeMap::new();
+    for call in futures::future::join_all(calls).await {
+        let (status, _, body) = call.expect("joined");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        *reasons.entry(error_reason(&body).to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        reasons,
+        BTreeMap::from([
+            (
+                "no cached answer, and ClickHouse failed or did not answer in time".to_owned(),
+                2
+            ),
+            (
+                "too many answers are being computed from ClickHouse right now".to_owned(),
+                8
+            ),
+        ])
+    );
+    // Two computations, each the window query and the clean-day lookup beside it at most.
+    assert!(accepted.load(Ordering::SeqCst) <= 4, "{accepted:?}");
+}

@@ -96,6 +96,13 @@ pub struct ApiSettings {
     #[arg(long, env = "TOPK_API_MAX_IN_FLIGHT", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// Answers being computed from ClickHouse at once at most (cache misses and expired
+    /// entries): past it a miss is `503` with `Retry-After` (an expired entry is served stale)
+    /// instead of one more query, so a flood of reads of uncached ids cannot take ClickHouse
+    /// from the pipeline's own queries.
+    #[arg(long, env = "TOPK_API_MAX_OLAP_IN_FLIGHT", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_olap_in_flight: u32,
     /// Size bound (bytes) of a request's head, request line and headers together; past it the
     /// connection is answered `431` and closed before the request is parsed further (at least
     /// 8 KiB: the smallest read buffer the HTTP parser allows).
@@ -122,6 +129,7 @@ impl Default for ApiSettings {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_in_flight: 256,
+            max_olap_in_flight: 32,
             max_header_bytes: 16 * 1024,
             max_uri_bytes: 2048,
         }
@@ -188,6 +196,8 @@ pub struct Inner {
     /// `None`: authentication off.
     pub auth: Option<auth::Auth>,
     pub metrics: observe::Metrics,
+    /// Permits for answers computed from ClickHouse (`--max-olap-in-flight`).
+    pub olap_slots: Semaphore,
     /// The last readiness result and when it was taken (`/readyz` answers from it for
     /// `top::READINESS_TTL`).
     pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, top::Ready)>>,
@@ -212,6 +222,11 @@ impl AppState {
         settings: ApiSettings,
         auth: Option<auth::Auth>,
     ) -> Self {
+        let settings_olap_slots = settings.max_olap_in_flight as usize;
+        // ClickHouse stops a computation the API has given up on (the client's deadline alone
+        // leaves the query running on the server).
+        let max_execution_secs = settings.olap_timeout.as_secs().max(1).to_string();
+        let clickhouse = clickhouse.with_option("max_execution_time", max_execution_secs);
         AppState(Arc::new(Inner {
             redis: conn::SharedConn::new(redis),
             prefix: prefix.to_owned(),
@@ -222,6 +237,7 @@ impl AppState {
             auth,
             metrics: observe::Metrics::install(),
             readiness: tokio::sync::Mutex::new(None),
+            olap_slots: Semaphore::new(settings_olap_slots),
         }))
     }
 }

@@ -203,6 +203,20 @@ pub async fn answer(
         None => observe::cache("error"),
     }
 
+    // Past `--max-olap-in-flight` computations, shed instead of queueing one more query.
+    let Ok(_slot) = state.olap_slots.try_acquire() else {
+        observe::fallback("shed");
+        if let Some(hit) = cached {
+            observe::stale();
+            let mut answer = hit.answer;
+            answer.stale = true;
+            return Ok((answer, AnswerSource::Stale));
+        }
+        return Err(AppError::Unavailable {
+            reason: "too many answers are being computed from ClickHouse right now".to_owned(),
+            retry_after_secs: settings.retry_after_secs,
+        });
+    };
     // The window and the version both come from `now`, read before the query: the version
     // never claims more than the data the query saw.
     let window = Window::at(now);
