@@ -226,7 +226,7 @@ impl AppState {
         // ClickHouse stops a computation the API has given up on (the client's deadline alone
         // leaves the query running on the server).
         let max_execution_secs = settings.olap_timeout.as_secs().max(1).to_string();
-        let clickhouse = clickhouse.with_option("max_execution_time", max_execution_secs);
+        let clickhouse = clickhouse.with_setting("max_execution_time", max_execution_secs);
         AppState(Arc::new(Inner {
             redis: conn::SharedConn::new(redis),
             prefix: prefix.to_owned(),
