@@ -167,6 +167,26 @@ fn hanging_listener() -> (StdListener, u16) {
     (listener, port)
 }
 
+/// A ClickHouse that accepts connections and never answers, and how many connections reached
+/// it (each computation or check that got through is one).
+fn counting_hanging_clickhouse() -> (
+    ClickHouseArgs,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (listener, port) = hanging_listener();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (clickhouse_at(&format!("http://127.0.0.1:{port}")), accepted)
+}
+
 /// ClickHouse settings for a server at `url` (one that is down or hangs).
 fn clickhouse_at(url: &str) -> ClickHouseArgs {
     ClickHouseArgs {
@@ -886,16 +906,17 @@ async fn graceful_shutdown_drains() {
     assert!(out.contains("ClickHouse failed or did not answer"), "{out}");
 }
 
-/// Every id in the answer is also a decimal string, exact where a JSON number is not (a
-/// JavaScript client reads 2^53 + 1 as 2^53, and u64::MAX as 2^64).
-#[tokio::test]
-async fn ids_above_2_53_are_also_exact_decimal_strings() {
-    let clickhouse = common::migrated_database().await;
-    let now = fixed_now();
-    let user = u64::MAX;
-    let plays: Vec<Play> = [(BIG_SONG + 1, 3), (BIG_SONG, 2), (u64::MAX, 1)]
-        .into_iter()
-        .flat_map(|(song, n)| {
+/// Writes `user`'s plays as the aggregator would: `n` plays of each (song, n), one a minute
+/// before `now`.
+async fn seed_plays_per_song(
+    clickhouse: &ClickHouseArgs,
+    user: u64,
+    now: i64,
+    songs: &[(u64, i64)],
+) {
+    let plays: Vec<Play> = songs
+        .iter()
+        .flat_map(|&(song, n)| {
             (0..n).map(move |i| Play {
                 user,
                 song,
@@ -903,8 +924,24 @@ async fn ids_above_2_53_are_also_exact_decimal_strings() {
             })
         })
         .collect();
-    let store = Store::new(topk::olap::client(&clickhouse), "plays");
+    let store = Store::new(topk::olap::client(clickhouse), "plays");
     common::plays::flush(&store, &plays, 0).await;
+}
+
+/// Every id in the answer is also a decimal string, exact where a JSON number is not (a
+/// JavaScript client reads 2^53 + 1 as 2^53, and u64::MAX as 2^64).
+#[tokio::test]
+async fn ids_above_2_53_are_also_exact_decimal_strings() {
+    let clickhouse = common::migrated_database().await;
+    let now = fixed_now();
+    let user = u64::MAX;
+    seed_plays_per_song(
+        &clickhouse,
+        user,
+        now,
+        &[(BIG_SONG + 1, 3), (BIG_SONG, 2), (u64::MAX, 1)],
+    )
+    .await;
     let app = state(&common::redis_args(), &clickhouse, now, settings(), None);
     let (status, _, body) = get(&app, &format!("/v1/users/{user}/top-songs"), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -940,18 +977,7 @@ async fn a_version_from_the_future_in_redis_is_overwritten_not_served() {
     let clickhouse = common::migrated_database().await;
     let now = fixed_now();
     let user = 9;
-    let plays: Vec<Play> = [(7u64, 3), (8, 1)]
-        .into_iter()
-        .flat_map(|(song, n)| {
-            (0..n).map(move |i| Play {
-                user,
-                song,
-                ts: now - (i + 1) * MINUTE,
-            })
-        })
-        .collect();
-    let store = Store::new(topk::olap::client(&clickhouse), "plays");
-    common::plays::flush(&store, &plays, 0).await;
+    seed_plays_per_song(&clickhouse, user, now, &[(7, 3), (8, 1)]).await;
     let redis = common::redis_args();
     let mut conn = Redis::connect(&redis)
         .expect("pool")
@@ -1028,19 +1054,7 @@ fn jwt_secrets_are_long_enough_and_kept_byte_for_byte() {
 /// never answers; every check that reaches it is one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_readyz_loop_checks_clickhouse_once_a_second() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let (listener, port) = hanging_listener();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            counter.fetch_add(1, Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
-    let clickhouse = clickhouse_at(&format!("http://127.0.0.1:{port}"));
+    let (clickhouse, accepted) = counting_hanging_clickhouse();
     let fast = ApiSettings {
         olap_timeout: Duration::from_millis(300),
         ..settings()
@@ -1060,13 +1074,17 @@ async fn a_readyz_loop_checks_clickhouse_once_a_second() {
             )
         );
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one check for 40 calls");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one check for 40 calls"
+    );
     // Once the result is older than a second, the next call checks again.
     tokio::time::sleep(topk_api::top::READINESS_TTL).await;
     let (status, _, _) = get(&app, "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
-        accepted.load(Ordering::SeqCst),
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
         2,
         "checked again after the TTL"
     );
@@ -1077,19 +1095,7 @@ async fn a_readyz_loop_checks_clickhouse_once_a_second() {
 /// accepts and never answers, so the computations in flight are the ones holding slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misses_beyond_the_olap_bound_are_shed_at_once() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let (listener, port) = hanging_listener();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            counter.fetch_add(1, Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
-    let clickhouse = clickhouse_at(&format!("http://127.0.0.1:{port}"));
+    let (clickhouse, accepted) = counting_hanging_clickhouse();
     let bounded = ApiSettings {
         olap_timeout: Duration::from_millis(800),
         max_olap_in_flight: 2,
@@ -1126,5 +1132,8 @@ async fn misses_beyond_the_olap_bound_are_shed_at_once() {
         ])
     );
     // Two computations, each the window query and the clean-day lookup beside it at most.
-    assert!(accepted.load(Ordering::SeqCst) <= 4, "{accepted:?}");
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) <= 4,
+        "{accepted:?}"
+    );
 }

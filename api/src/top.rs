@@ -207,10 +207,7 @@ pub async fn answer(
     let Ok(_slot) = state.olap_slots.try_acquire() else {
         observe::fallback("shed");
         if let Some(hit) = cached {
-            observe::stale();
-            let mut answer = hit.answer;
-            answer.stale = true;
-            return Ok((answer, AnswerSource::Stale));
+            return Ok(serve_stale(hit));
         }
         return Err(AppError::Unavailable {
             reason: "too many answers are being computed from ClickHouse right now".to_owned(),
@@ -238,10 +235,7 @@ pub async fn answer(
         Err(error) => {
             observe::olap_failed(&error);
             if let Some(hit) = cached {
-                observe::stale();
-                let mut answer = hit.answer;
-                answer.stale = true;
-                return Ok((answer, AnswerSource::Stale));
+                return Ok(serve_stale(hit));
             }
             Err(AppError::Unavailable {
                 reason: "no cached answer, and ClickHouse failed or did not answer in time"
@@ -250,6 +244,15 @@ pub async fn answer(
             })
         }
     }
+}
+
+/// An expired entry served because no fresh answer can be computed now (ClickHouse failing,
+/// or the miss path at its bound), marked `stale`.
+fn serve_stale(hit: cache::Cached) -> (TopSongs, AnswerSource) {
+    observe::stale();
+    let mut answer = hit.answer;
+    answer.stale = true;
+    (answer, AnswerSource::Stale)
 }
 
 /// Stores a computed answer (all of its up to 50 songs, so any later limit is a hit). A failure
