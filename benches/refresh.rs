@@ -51,6 +51,7 @@ async fn main() {
         prefix: format!("topk_bench_{:08x}", rand::random::<u32>()),
         pool_size: 4,
         cluster,
+        auth: Default::default(),
     };
     topk::migrate::run(&args).await.expect("migrate");
     let client = topk::olap::client(&args);

@@ -14,9 +14,10 @@ use std::time::Duration;
 use bb8_redis::RedisConnectionManager;
 use bb8_redis::redis::{self, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind};
 use futures::StreamExt;
+use redis::IntoConnectionInfo;
 use redis::cluster::ClusterClient;
 
-use crate::config::RedisArgs;
+use crate::config::{RedisArgs, RedisAuth};
 use crate::window::{RankedSong, Source, TopSongs, Window, WindowJson, rank, rfc3339_ms};
 
 /// The pool of multiplexed Redis connections.
@@ -36,11 +37,42 @@ pub enum CacheError {
 /// A pool for the configured Redis. Connections are opened lazily, so a Redis that is down at
 /// start-up degrades requests instead of stopping the process.
 pub fn pool(args: &RedisArgs) -> Result<Pool, CacheError> {
-    let manager = RedisConnectionManager::new(args.url.as_str()).map_err(CacheError::Url)?;
+    let manager = RedisConnectionManager::new(connection_info(&args.url, &args.auth)?)
+        .map_err(CacheError::Url)?;
     Ok(bb8::Pool::builder()
         .max_size(args.pool_size)
         .connection_timeout(Duration::from_secs(2))
+        .error_sink(Box::new(LoggedErrors))
         .build_unchecked(manager))
+}
+
+/// Logs why the pool could not open a connection: a caller only sees "no Redis connection
+/// available in time", which does not tell a refused password from a server that is down.
+#[derive(Debug, Clone, Copy)]
+struct LoggedErrors;
+
+impl bb8::ErrorSink<RedisError> for LoggedErrors {
+    fn sink(&self, error: RedisError) {
+        tracing::warn!(%error, "opening a Redis connection failed");
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
+        Box::new(*self)
+    }
+}
+
+/// `url` with the configured credentials (they override any in the URL, which should carry
+/// none: a URL is a flag, visible in the process list).
+fn connection_info(url: &str, auth: &RedisAuth) -> Result<redis::ConnectionInfo, CacheError> {
+    let info = url.into_connection_info().map_err(CacheError::Url)?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &auth.user {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = auth.password() {
+        settings = settings.set_password(password);
+    }
+    Ok(info.set_redis_settings(settings))
 }
 
 /// A pool of Redis Cluster connections (each one multiplexed and routing by slot).
@@ -123,7 +155,14 @@ impl Redis {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect();
-        let client = ClusterClient::builder(nodes)
+        let mut builder = ClusterClient::builder(nodes);
+        if let Some(user) = &args.auth.user {
+            builder = builder.username(user);
+        }
+        if let Some(password) = args.auth.password() {
+            builder = builder.password(password);
+        }
+        let client = builder
             .connection_timeout(Duration::from_secs(2))
             .response_timeout(Duration::from_secs(10))
             .build()
@@ -132,6 +171,7 @@ impl Redis {
             bb8::Pool::builder()
                 .max_size(args.pool_size)
                 .connection_timeout(Duration::from_secs(2))
+                .error_sink(Box::new(LoggedErrors))
                 .build_unchecked(client),
         ))
     }

@@ -83,10 +83,7 @@ pub struct ClickHouseArgs {
 impl ClickHouseArgs {
     /// The password: from the file, else from the environment, else empty.
     pub fn password(&self) -> &str {
-        self.password_file
-            .as_ref()
-            .or(self.password_env.as_ref())
-            .map_or("", Secret::expose)
+        file_or_env(&self.password_file, &self.password_env).unwrap_or_default()
     }
 }
 
@@ -153,6 +150,9 @@ pub struct RedisArgs {
         default_value = "topk"
     )]
     pub prefix: String,
+    /// Who connects (ACL user and password).
+    #[command(flatten)]
+    pub auth: RedisAuth,
     /// Maximum connections in the pool.
     #[arg(
         id = "redis_pool_size",
@@ -161,6 +161,41 @@ pub struct RedisArgs {
         default_value_t = 16
     )]
     pub pool_size: u32,
+}
+
+/// Redis credentials: an ACL user (or the default one) and its password, as `AUTH` sends them
+/// on every new connection (of every node, on a cluster). None: no `AUTH` (a server without
+/// `requirepass`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RedisAuth {
+    /// Redis ACL user; without it, the `default` user (`requirepass`).
+    #[arg(id = "redis_user", long = "redis-user", env = "TOPK_REDIS_USER")]
+    pub user: Option<String>,
+    /// File holding the Redis password (trailing newline ignored); without it the password is
+    /// the `TOPK_REDIS_PASSWORD` environment variable, or none. Never a flag value (nor in
+    /// `--redis-url`): flags are visible in the process list.
+    #[arg(
+        id = "redis_password_file",
+        long = "redis-password-file",
+        env = "TOPK_REDIS_PASSWORD_FILE",
+        value_parser = Secret::from_file
+    )]
+    pub password_file: Option<Secret>,
+    /// `TOPK_REDIS_PASSWORD`, read when the arguments are parsed.
+    #[arg(skip = Secret::from_env("TOPK_REDIS_PASSWORD"))]
+    pub password_env: Option<Secret>,
+}
+
+impl RedisAuth {
+    /// The password: from the file, else from the environment, else none.
+    pub fn password(&self) -> Option<&str> {
+        file_or_env(&self.password_file, &self.password_env)
+    }
+}
+
+/// A secret from its file if one was given, else from its environment variable.
+fn file_or_env<'a>(file: &'a Option<Secret>, env: &'a Option<Secret>) -> Option<&'a str> {
+    file.as_ref().or(env.as_ref()).map(Secret::expose)
 }
 
 /// Logging and metrics of a long-running role.

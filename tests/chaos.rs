@@ -160,6 +160,7 @@ impl PrivateStack {
             prefix: PREFIX.to_owned(),
             pool_size: 4,
             cluster: false,
+            auth: Default::default(),
         }
     }
 

@@ -95,6 +95,7 @@ pub fn redis_args() -> RedisArgs {
         prefix: unique("topk_test"),
         pool_size: 4,
         cluster: false,
+        auth: Default::default(),
     }
 }
 
@@ -109,6 +110,7 @@ pub fn redis_cluster_args() -> RedisArgs {
         prefix: unique("topk_test"),
         pool_size: 4,
         cluster: true,
+        auth: Default::default(),
     }
 }
 

@@ -19,9 +19,15 @@ impl PrivateRedis {
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// A private server given `extra` arguments too (e.g. `--requirepass`).
+    pub fn start_with(port: u16, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(extra)
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir.path())
@@ -43,7 +49,9 @@ impl PrivateRedis {
                 .args(["-p", &port.to_string(), "PING"])
                 .output()
                 .expect("redis-cli");
-            if String::from_utf8_lossy(&ping.stdout).trim() == "PONG" {
+            // A server with a password answers NOAUTH: it is up all the same.
+            let reply = String::from_utf8_lossy(&ping.stdout);
+            if reply.trim() == "PONG" || reply.starts_with("NOAUTH") {
                 return redis;
             }
             std::thread::sleep(Duration::from_millis(50));
