@@ -132,11 +132,11 @@ fn every_role_reads_the_variables_compose_sets() {
             }
         }
     }
-    // The contract's default ports (DESIGN.md, "Defaults").
+    // The contract's default ports (DESIGN.md, "Defaults"); only the API's beyond this machine.
     for (service, port) in [
-        ("kafka", "9092:9092"),
-        ("clickhouse", "8123:8123"),
-        ("redis", "6379:6379"),
+        ("kafka", "127.0.0.1:9092:9092"),
+        ("clickhouse", "127.0.0.1:8123:8123"),
+        ("redis", "127.0.0.1:6379:6379"),
         ("api", "8080:8080"),
     ] {
         let ports = services[service]["ports"].as_array().expect("ports");
@@ -218,17 +218,10 @@ fn compose_keeps_data_restarts_roles_and_lets_them_finish() {
             "{service} keeps {path} on a named volume: {mounted:?}"
         );
     }
-    let redis_command: Vec<&str> = services["redis"]["command"]
-        .as_array()
-        .expect("redis command")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let redis_command = words(&services["redis"]["command"]);
     assert!(
-        redis_command
-            .windows(2)
-            .any(|w| w == ["--appendonly", "yes"]),
-        "redis persists its writes: {redis_command:?}"
+        redis_command.contains("redis-server") && redis_command.contains("--appendonly yes"),
+        "redis persists its writes: {redis_command}"
     );
 
     // Host clients get localhost:9092 (the published port); containers the internal listener,
@@ -336,4 +329,244 @@ fn migrations_use_syntax_a_current_clickhouse_accepts() {
         }
     }
     assert!(tables >= 6, "every table checked ({tables})");
+}
+
+/// `check-jsonschema` (PyPI, pinned in `scripts/stack install`) against the compose-spec schema
+/// it ships: the file is valid compose (a key compose does not know, a value of the wrong type,
+/// fails `docker compose up` before anything starts), and the same check refuses a copy with
+/// one key misspelt, so it is not vacuous.
+#[test]
+fn compose_file_is_valid_by_the_compose_spec_schema() {
+    let check = |path: &std::path::Path| {
+        let output = Command::new("check-jsonschema")
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(path)
+            .output()
+            .expect("check-jsonschema runs (scripts/stack install)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+    let file = common::workspace_root().join("docker-compose.yml");
+    let (valid, report) = check(&file);
+    assert!(
+        valid,
+        "docker-compose.yml against the compose spec: {report}"
+    );
+
+    let text = std::fs::read_to_string(&file).expect("compose file");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let misspelt = dir.path().join("docker-compose.yml");
+    std::fs::write(
+        &misspelt,
+        text.replacen("    healthcheck:\n", "    healthchek:\n", 1),
+    )
+    .expect("write");
+    let (valid, report) = check(&misspelt);
+    assert!(!valid, "a misspelt key must be refused: {report}");
+    assert!(report.contains("healthchek"), "{report}");
+}
+
+/// A command or healthcheck list as one line (a shell command's words and the list's alike).
+fn words(value: &Value) -> String {
+    value
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether `value` is the required interpolation of the operator's `variable`
+/// (`${VARIABLE:?reason}`: compose refuses to start without it).
+fn required_from(value: &Value, variable: &str) -> bool {
+    value
+        .as_str()
+        .is_some_and(|v| v.starts_with(&format!("${{{variable}:?")) && v.ends_with('}'))
+}
+
+/// Secure by default: ClickHouse and Redis take the operator's passwords (the ClickHouse image's
+/// passwordless `default` user replaced, Redis with `requirepass`), every role that reaches them
+/// gets the same credentials, the API requires bearer tokens, and only the API is published
+/// beyond the machine.
+#[test]
+fn compose_requires_passwords_and_a_token_and_publishes_only_the_api() {
+    let compose = compose();
+    let services = compose["services"].as_object().expect("services");
+    for (name, service) in services {
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let port = port.as_str().expect("short syntax");
+            assert!(
+                name == "api" || port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} on every interface"
+            );
+        }
+    }
+
+    let clickhouse = &services["clickhouse"]["environment"];
+    assert!(
+        clickhouse.get("CLICKHOUSE_SKIP_USER_SETUP").is_none(),
+        "the image's user setup replaces the passwordless default user"
+    );
+    assert!(
+        required_from(
+            &clickhouse["CLICKHOUSE_PASSWORD"],
+            "TOPK_CLICKHOUSE_PASSWORD"
+        ),
+        "{clickhouse}"
+    );
+    let clickhouse_user = clickhouse["CLICKHOUSE_USER"].as_str().expect("a user");
+    assert_ne!(clickhouse_user, "default");
+
+    let redis = &services["redis"];
+    assert!(
+        required_from(
+            &redis["environment"]["REDIS_PASSWORD"],
+            "TOPK_REDIS_PASSWORD"
+        ),
+        "{redis}"
+    );
+    let command = words(&redis["command"]);
+    assert!(
+        command.contains("redis-server") && command.contains("--requirepass \"$$REDIS_PASSWORD\""),
+        "{command}"
+    );
+    let probe = words(&redis["healthcheck"]["test"]);
+    assert!(
+        probe.contains("REDISCLI_AUTH=\"$$REDIS_PASSWORD\""),
+        "{probe}"
+    );
+
+    let mut roles = 0;
+    for (name, service) in services.iter().filter(|(_, s)| s.get("build").is_some()) {
+        roles += 1;
+        let env = &service["environment"];
+        if env.get("TOPK_CLICKHOUSE_URL").is_some() {
+            assert_eq!(env["TOPK_CLICKHOUSE_USER"], clickhouse_user, "{name}");
+            assert!(
+                required_from(&env["TOPK_CLICKHOUSE_PASSWORD"], "TOPK_CLICKHOUSE_PASSWORD"),
+                "{name}"
+            );
+        }
+        if env.get("TOPK_REDIS_URL").is_some() {
+            assert!(
+                required_from(&env["TOPK_REDIS_PASSWORD"], "TOPK_REDIS_PASSWORD"),
+                "{name}"
+            );
+        }
+    }
+    assert_eq!(roles, 8);
+    assert!(
+        required_from(
+            &services["api"]["environment"]["TOPK_JWT_SECRET"],
+            "TOPK_JWT_SECRET"
+        ),
+        "the API's authentication is on"
+    );
+}
+
+/// The shared libraries of `debian:bookworm-slim` (packages libc6, libgcc-s1, libstdc++6,
+/// zlib1g, libzstd1, liblzma5, libbz2-1.0, libcrypt1: all in the slim image, which apt and dpkg
+/// need).
+const BOOKWORM_SLIM: [&str; 15] = [
+    "ld-linux-x86-64.so.2",
+    "libc.so.6",
+    "libm.so.6",
+    "libpthread.so.0",
+    "libdl.so.2",
+    "librt.so.1",
+    "libresolv.so.2",
+    "libutil.so.1",
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "libz.so.1",
+    "libzstd.so.1",
+    "liblzma.so.5",
+    "libbz2.so.1.0",
+    "libcrypt.so.1",
+];
+
+/// The libraries a package the Dockerfile installs brings (with its dependencies).
+fn package_libraries(package: &str) -> &'static [&'static str] {
+    match package {
+        // ca-certificates depends on openssl, hence libssl3.
+        "ca-certificates" => &["libssl.so.3", "libcrypto.so.3"],
+        "curl" => &["libcurl.so.4", "libssl.so.3", "libcrypto.so.3"],
+        other => panic!("the Dockerfile installs {other}: add what it brings here"),
+    }
+}
+
+/// The runtime image (`debian:bookworm-slim` plus the packages the Dockerfile installs) holds
+/// every shared library the `topk` binary needs (`readelf`: its interpreter and `NEEDED`
+/// entries): a dependency that starts linking, say, libsasl2 would build and then fail at the
+/// container's first start.
+#[test]
+fn the_runtime_image_has_every_library_topk_links() {
+    let dockerfile =
+        std::fs::read_to_string(common::workspace_root().join("Dockerfile")).expect("Dockerfile");
+    let runtime = dockerfile
+        .rsplit("\nFROM ")
+        .next()
+        .expect("a runtime stage");
+    assert_eq!(
+        runtime.split_whitespace().next(),
+        Some("debian:bookworm-slim"),
+        "the runtime stage's base (this test knows its libraries)"
+    );
+    let mut available: BTreeSet<&str> = BOOKWORM_SLIM.into_iter().collect();
+    let install = runtime
+        .split("apt-get install")
+        .nth(1)
+        .expect("the runtime stage installs packages");
+    let packages: Vec<&str> = install
+        .split("&&")
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|word| !word.starts_with('-') && *word != "\\")
+        .collect();
+    assert!(packages.contains(&"ca-certificates"), "{packages:?}");
+    for package in packages {
+        available.extend(package_libraries(package));
+    }
+
+    let readelf = |flag: &str| {
+        let output = Command::new("readelf")
+            .arg(flag)
+            .arg(common::topk_bin())
+            .output()
+            .expect("readelf runs (binutils)");
+        assert!(output.status.success(), "readelf {flag}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let needed: Vec<String> = readelf("-d")
+        .lines()
+        .filter(|line| line.contains("(NEEDED)"))
+        .filter_map(|line| {
+            line.split_once('[')?
+                .1
+                .split_once(']')
+                .map(|(l, _)| l.to_owned())
+        })
+        .collect();
+    assert!(needed.contains(&"libc.so.6".to_owned()), "{needed:?}");
+    for library in &needed {
+        assert!(
+            available.contains(library.as_str()),
+            "topk links {library}, which the runtime image does not have: {needed:?}"
+        );
+    }
+    let headers = readelf("-l");
+    let interpreter = headers
+        .split("[Requesting program interpreter: ")
+        .nth(1)
+        .and_then(|rest| rest.split_once(']'))
+        .map(|(path, _)| path)
+        .expect("a dynamic executable");
+    let name = interpreter.rsplit('/').next().unwrap_or_default();
+    assert!(available.contains(name), "interpreter {interpreter}");
 }
