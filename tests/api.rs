@@ -604,6 +604,124 @@ async fn jwt_auth() {
     common::drop_database(&clickhouse).await;
 }
 
+/// Secure defaults through the router, with a key directory, an issuer and an audience: a key
+/// added to the directory answers `200` once the directory is re-read (not before: a token with
+/// an unknown `kid` is `401`), a token living longer than the max lifetime (by `exp`, or by
+/// `exp - iat`) is `401`, and so is one without this API's `aud` or `iss`.
+#[tokio::test]
+async fn jwt_keys_rotate_in_and_lifetime_audience_and_issuer_are_enforced() {
+    let (clickhouse, now, window, plays) = seeded(3).await;
+    let expected = oracle(&plays, window, 10);
+    let redis = common::redis_args();
+    let keys = tempfile::tempdir().expect("key dir");
+    let old_key: &[u8] = b"the-key-of-november-with-32-bytes-at-least";
+    let new_key: &[u8] = b"the-key-of-december-with-32-bytes-at-least";
+    std::fs::write(keys.path().join("2026-11"), old_key).expect("old key");
+    let auth = Auth::hs256(SECRET)
+        .with_key_dir(keys.path())
+        .expect("keys")
+        .with_issuer("topk")
+        .with_audience("topk-api");
+    let app = state(&redis, &clickhouse, now, settings(), Some(auth));
+    let signed = |kid: Option<&str>, key: &[u8], claims: Value| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .expect("token")
+    };
+    let claims = |extra: Value| {
+        let mut claims = json!({"sub": "2", "exp": exp_in(600), "iss": "topk", "aud": "topk-api"});
+        for (name, value) in extra.as_object().expect("object") {
+            claims[name] = value.clone();
+        }
+        claims
+    };
+    let refused = |reason: &str| {
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "unauthorized", "reason": reason}),
+        )
+    };
+    let ok = (StatusCode::OK, songs_json(&expected[&2]));
+    let uri = "/v1/users/2/top-songs";
+    let ask = |token: String| {
+        let app = app.clone();
+        async move {
+            let (status, _, body) = get(&app, uri, Some(&token)).await;
+            if status == StatusCode::OK {
+                (status, body["songs"].clone())
+            } else {
+                (status, body)
+            }
+        }
+    };
+
+    assert_eq!(
+        ask(signed(Some("2026-11"), old_key, claims(json!({})))).await,
+        ok
+    );
+    assert_eq!(ask(signed(None, SECRET, claims(json!({})))).await, ok);
+    // Rotation: the new key is written, tokens with its kid are issued at once. Until the
+    // directory is re-read (at most every 5 s), they are refused.
+    std::fs::write(keys.path().join("2026-12"), new_key).expect("new key");
+    let rotated = signed(Some("2026-12"), new_key, claims(json!({})));
+    assert_eq!(
+        ask(rotated.clone()).await,
+        refused("the token's `kid` names no key of this API")
+    );
+    tokio::time::sleep(topk_api::auth::KEY_DIR_REREAD).await;
+    assert_eq!(ask(rotated.clone()).await, ok);
+    // Signed with the old key but naming the new one: refused.
+    assert_eq!(
+        ask(signed(Some("2026-12"), old_key, claims(json!({})))).await,
+        refused("invalid token")
+    );
+
+    let too_long = "token lives longer than 1day (`--auth-max-token-lifetime`)";
+    assert_eq!(
+        ask(signed(
+            None,
+            SECRET,
+            claims(json!({"exp": exp_in(2 * 86_400)}))
+        ))
+        .await,
+        refused(&format!("{too_long}: its `exp` is further away"))
+    );
+    assert_eq!(
+        ask(signed(
+            None,
+            SECRET,
+            claims(json!({"iat": exp_in(-2 * 86_400)}))
+        ))
+        .await,
+        refused(&format!("{too_long}: `exp - iat` is longer"))
+    );
+    assert_eq!(
+        ask(signed(
+            Some("2026-12"),
+            new_key,
+            claims(json!({"aud": "another-api"}))
+        ))
+        .await,
+        refused("the token's `aud` does not name this API")
+    );
+    let mut no_aud = claims(json!({}));
+    no_aud.as_object_mut().expect("object").remove("aud");
+    assert_eq!(
+        ask(signed(None, SECRET, no_aud)).await,
+        refused("token lacks the `aud` claim")
+    );
+    assert_eq!(
+        ask(signed(None, SECRET, claims(json!({"iss": "someone-else"})))).await,
+        refused("the token's `iss` is not this API's issuer")
+    );
+    common::drop_database(&clickhouse).await;
+}
+
 /// A server on a real socket with one seeded user; stops (gracefully) when dropped.
 struct Server {
     addr: std::net::SocketAddr,

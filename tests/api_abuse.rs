@@ -4,18 +4,21 @@
 //! the process is alive and a normal request answers 200 with the exact seeded answer; every
 //! answer was a clean 4xx or 503 (never a 500, never a hang: every client call has a deadline);
 //! the process's peak RSS stays under a stated bound. With authentication on (the secret from
-//! the environment), one user's token cannot read another's answer; the admin scope can.
+//! the environment), one user's token cannot read another's answer; the admin scope can. One
+//! client (IP address) cannot take every connection: past `--max-connections-per-client` it is
+//! answered `429` while another address is served. `/metrics` is never open to anyone with auth
+//! on: an admin token on the main listener, or only on its own `--metrics-addr`.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::plays::{MINUTE, Play};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use topk::config::ClickHouseArgs;
 use topk_aggregator::store::Store;
 
@@ -94,8 +97,28 @@ fn parse_reply(bytes: &[u8]) -> Option<Reply> {
 /// server closes. Writing and reading run together: a server that answers early (an oversized
 /// head) and closes may reset the rest of the write, and its answer must still be read.
 async fn exchange(addr: SocketAddr, raw: Vec<u8>) -> Reply {
+    exchange_from(None, addr, raw).await
+}
+
+/// A connection to `addr` from the source address `from` (any loopback address: the loopback
+/// interface answers all of 127/8), or the default one.
+async fn connect_from(from: Option<IpAddr>, addr: SocketAddr) -> TcpStream {
+    match from {
+        None => TcpStream::connect(addr).await.expect("connect"),
+        Some(ip) => {
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .expect("bind the source");
+            socket.connect(addr).await.expect("connect")
+        }
+    }
+}
+
+/// As [`exchange`], from the source address `from`.
+async fn exchange_from(from: Option<IpAddr>, addr: SocketAddr, raw: Vec<u8>) -> Reply {
     let run = async {
-        let stream = TcpStream::connect(addr).await.expect("connect");
+        let stream = connect_from(from, addr).await;
         let (mut read, mut write) = stream.into_split();
         let writer = tokio::spawn(async move {
             let _ = write.write_all(&raw).await;
@@ -128,12 +151,56 @@ fn request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
 }
 
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
+    get_from(None, addr, path, token).await
+}
+
+async fn get_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Reply {
     let bearer = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = bearer
         .as_deref()
         .map(|b| vec![("Authorization", b)])
         .unwrap_or_default();
-    exchange(addr, request(path, &headers)).await
+    exchange_from(from, addr, request(path, &headers)).await
+}
+
+/// One `GET /healthz` on a connection kept open: the answer is read (by its
+/// `Content-Length`), the connection stays open and counted by the server.
+async fn held_healthz(addr: SocketAddr) -> (TcpStream, Reply) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let run = async {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: topk\r\n\r\n")
+            .await
+            .expect("write");
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(reply) = parse_reply(&bytes) {
+                let length: usize = reply
+                    .header("content-length")
+                    .map_or(0, |l| l.parse().expect("content-length"));
+                if reply.body.len() >= length {
+                    return reply;
+                }
+            }
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before a whole answer: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    };
+    let reply = tokio::time::timeout(CLIENT_DEADLINE, run)
+        .await
+        .expect("answered within the client deadline");
+    (stream, reply)
 }
 
 fn token(sub: u64, scope: &str) -> String {
@@ -198,15 +265,25 @@ impl Api {
             std::env::temp_dir().join(format!("{}.log", common::unique(log))),
         )
         .expect("log");
+        // These bounds unless `extra` sets them (a flag may be given once). One client may take
+        // every connection by default here: the abuses below test the global bound.
+        let defaults = [
+            ("--header-read-timeout", HEADER_READ_TIMEOUT.to_owned()),
+            ("--max-connections", MAX_CONNECTIONS.to_string()),
+            ("--max-connections-per-client", MAX_CONNECTIONS.to_string()),
+            ("--max-in-flight", max_in_flight.to_string()),
+        ];
+        let defaults = defaults
+            .iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [*flag, value.as_str()]);
         let child = tokio::process::Command::new(common::topk_bin())
             .arg("serve")
             .args(["--listen", &addr.to_string()])
             .args(["--clickhouse-url", &clickhouse.url])
             .args(["--clickhouse-database", &clickhouse.database])
             .args(["--redis-prefix", prefix])
-            .args(["--header-read-timeout", HEADER_READ_TIMEOUT])
-            .args(["--max-connections", &MAX_CONNECTIONS.to_string()])
-            .args(["--max-in-flight", &max_in_flight.to_string()])
+            .args(defaults)
             .args(extra)
             // The secret from the environment, never a flag value.
             .env("TOPK_JWT_SECRET", SECRET)
@@ -554,6 +631,169 @@ async fn requests_beyond_the_in_flight_bound_are_shed_with_503() {
         let reply = task.await.expect("held task");
         reply.assert_clean_refusal(503, "unavailable");
     }
+    api.assert_alive();
+    let Api { child, .. } = api;
+    common::terminate(child).await;
+}
+
+/// The per-client connection bound: a client (127.0.0.1) holding `--max-connections-per-client`
+/// open connections gets `429`, `Retry-After` and a JSON reason on one more, at once, while
+/// another address (127.0.0.2) is served; once the first closes one of its connections it is
+/// served again. The refusals are counted in `topk_api_refused_connections_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_connection() {
+    const PER_CLIENT: usize = 4;
+    let clickhouse = common::clickhouse_args("topk");
+    let prefix = common::unique("topk_abuse");
+    let mut api = Api::start(
+        &clickhouse,
+        &prefix,
+        MAX_IN_FLIGHT,
+        &[
+            "--max-connections-per-client",
+            &PER_CLIENT.to_string(),
+            // The held connections must outlive the test, idle between requests.
+            "--header-read-timeout",
+            "120s",
+        ],
+        "api_per_client",
+    )
+    .await;
+    let addr = api.addr;
+    let other: IpAddr = "127.0.0.2".parse().expect("ip");
+    let admin = token(7, "admin");
+    // Refusals counted by the server, asserted against its counter at the end.
+    let mut refused = 0;
+
+    // 127.0.0.1 takes its share. The connections of `Api::start` are closed, but the server
+    // may not have noticed yet: a 429 while setting up is retried (and counted).
+    let mut held = Vec::new();
+    while held.len() < PER_CLIENT {
+        let (stream, reply) = held_healthz(addr).await;
+        match reply.status {
+            200 => held.push(stream),
+            429 if refused < 20 => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => panic!("{reply:?}"),
+        }
+    }
+
+    // One more from the same address: 429 at once, with Retry-After and the JSON reason.
+    let reply = get(addr, "/healthz", None).await;
+    refused += 1;
+    assert_eq!(reply.status, 429, "{reply:?}");
+    assert_eq!(reply.header("retry-after"), Some("5"), "{reply:?}");
+    assert_eq!(
+        reply.json(),
+        json!({
+            "error": "too_many_requests",
+            "reason": format!(
+                "this client already has {PER_CLIENT} connections open, the most one client \
+                 may; close one or retry later"
+            ),
+        })
+    );
+    // Another address has its own share.
+    let reply = get_from(Some(other), addr, "/healthz", None).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    api.assert_alive();
+
+    // The first client closes one of its connections: it is served again (once the server
+    // has seen the close; a 429 before that is retried, within a deadline).
+    drop(held.pop());
+    let mut waited = 0;
+    loop {
+        let reply = get(addr, "/healthz", None).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 429, "{reply:?}");
+        refused += 1;
+        waited += 1;
+        assert!(waited < 50, "the closed connection was never given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let reply = get_from(Some(other), addr, "/metrics", Some(&admin)).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let metrics = String::from_utf8(reply.body).expect("text");
+    assert!(
+        metrics.contains(&format!("topk_api_refused_connections_total {refused}\n")),
+        "{refused} refused: {metrics}"
+    );
+    drop(held);
+    let Api { child, .. } = api;
+    common::terminate(child).await;
+}
+
+/// With `--metrics-addr`, `/metrics` is served there (the API's histogram with its buckets), and
+/// the main listener answers 404 for it, whatever the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_their_own_address_are_not_on_the_main_listener() {
+    let clickhouse = common::clickhouse_args("topk");
+    let prefix = common::unique("topk_abuse");
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
+    let mut api = Api::start(
+        &clickhouse,
+        &prefix,
+        MAX_IN_FLIGHT,
+        &["--metrics-addr", &metrics_addr.to_string()],
+        "api_metrics_addr",
+    )
+    .await;
+    let admin = token(7, "admin");
+    for token in [None, Some(admin.as_str())] {
+        let reply = get(api.addr, "/metrics", token).await;
+        reply.assert_clean_refusal(404, "not_found");
+    }
+    let reply = get(metrics_addr, "/metrics", None).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let metrics = String::from_utf8(reply.body).expect("text");
+    // `Api::start`'s one /healthz, with the API's buckets; the two /metrics above unmatched.
+    for line in [
+        "topk_api_request_seconds_count{route=\"/healthz\",source=\"none\",status=\"200\"} 1\n",
+        "topk_api_request_seconds_bucket{route=\"/healthz\",source=\"none\",status=\"200\",le=\"2.5\"} 1\n",
+        "topk_api_request_seconds_count{route=\"unmatched\",source=\"none\",status=\"404\"} 2\n",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
+    api.assert_alive();
+    let Api { child, .. } = api;
+    common::terminate(child).await;
+}
+
+/// With auth on and no `--metrics-addr`, `/metrics` on the main listener needs an admin token:
+/// 401 without a token, 403 with a user's, 200 with the admin scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_on_the_main_listener_need_an_admin_token_with_auth_on() {
+    let clickhouse = common::clickhouse_args("topk");
+    let prefix = common::unique("topk_abuse");
+    let mut api = Api::start(&clickhouse, &prefix, MAX_IN_FLIGHT, &[], "api_metrics_auth").await;
+    let reply = get(api.addr, "/metrics", None).await;
+    reply.assert_clean_refusal(401, "unauthorized");
+    let reply = get(api.addr, "/metrics", Some(&token(1, "read"))).await;
+    reply.assert_clean_refusal(403, "forbidden");
+    assert_eq!(
+        reply.json()["reason"],
+        "/metrics needs a token with the admin scope"
+    );
+    let reply = get(api.addr, "/metrics", Some(&token(7, "read admin"))).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some("text/plain; version=0.0.4")
+    );
+    let metrics = String::from_utf8(reply.body).expect("text");
+    assert!(
+        metrics.contains(
+            "topk_api_request_seconds_count{route=\"/metrics\",source=\"none\",status=\"401\"} 1\n"
+        ),
+        "{metrics}"
+    );
     api.assert_alive();
     let Api { child, .. } = api;
     common::terminate(child).await;

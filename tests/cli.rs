@@ -271,3 +271,170 @@ async fn roles_stop_on_sigterm_when_their_log_pipe_is_gone() {
     }
     common::drop_database(&clickhouse).await;
 }
+
+/// `topk token` mints what the API's verifier, configured by the same flags and environment,
+/// accepts: for the unnamed key (no `kid`), for a key of `--auth-secret-dir` (its `kid`), with
+/// `iss`/`aud` from the API's own settings; a `--ttl` beyond `--auth-max-token-lifetime` and a
+/// missing key are refused.
+#[test]
+fn token_mints_what_the_api_accepts() {
+    use topk_api::auth::{Auth, Caller};
+    let dir = tempfile::tempdir().expect("dir");
+    let secret: &[u8] = b"the-unnamed-secret-of-the-cli-test!";
+    let named: &[u8] = b"the-named-key-k1-of-the-cli-test!!!";
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, [secret, b"\n"].concat()).expect("secret");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("keys");
+    std::fs::write(keys.join("k1"), named).expect("k1");
+    let token = |args: &[&str], env: &[(&str, &std::path::Path)]| {
+        let mut command = std::process::Command::new(common::topk_bin());
+        command.arg("token").args(args);
+        for name in [
+            "TOPK_JWT_SECRET",
+            "TOPK_API_AUTH_SECRET_FILE",
+            "TOPK_API_AUTH_SECRET_DIR",
+            "TOPK_API_AUTH_ISSUER",
+            "TOPK_API_AUTH_AUDIENCE",
+            "TOPK_API_AUTH_MAX_TOKEN_LIFETIME",
+        ] {
+            command.env_remove(name);
+        }
+        command.envs(env.iter().copied());
+        command.output().expect("topk runs")
+    };
+    let minted = |output: Output| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "topk token failed: {stderr}");
+        let stdout = String::from_utf8(output.stdout).expect("UTF-8");
+        let jwt = stdout.strip_suffix('\n').expect("one line").to_owned();
+        assert_eq!(jwt.split('.').count(), 3, "{stdout:?}");
+        jwt
+    };
+    let caller = |auth: &Auth, jwt: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        let value = format!("Bearer {jwt}").parse().expect("header value");
+        headers.insert(axum::http::header::AUTHORIZATION, value);
+        auth.caller(&headers).map_err(|e| e.to_string())
+    };
+    let secret_arg = secret_file.to_str().expect("UTF-8 path");
+
+    let jwt = minted(token(
+        &["--user", "42", "--auth-secret-file", secret_arg],
+        &[],
+    ));
+    assert_eq!(
+        caller(&Auth::hs256(secret), &jwt),
+        Ok(Caller {
+            user_id: Some(42),
+            admin: false
+        })
+    );
+    assert_eq!(jsonwebtoken::decode_header(&jwt).expect("header").kid, None);
+
+    // The API's settings from the environment (as in the compose deployment): the key dir and
+    // the issuer; the audience by flag (forgotten in the first token).
+    let verifier = Auth::key_dir(&keys)
+        .expect("keys")
+        .with_issuer("topk")
+        .with_audience("widget");
+    let jwt = minted(token(
+        &["--user", "7", "--admin", "--ttl", "10m", "--kid", "k1"],
+        &[
+            ("TOPK_API_AUTH_SECRET_DIR", keys.as_path()),
+            ("TOPK_API_AUTH_ISSUER", std::path::Path::new("topk")),
+        ],
+    ));
+    let with_audience = minted(token(
+        &[
+            "--user",
+            "7",
+            "--admin",
+            "--ttl",
+            "10m",
+            "--kid",
+            "k1",
+            "--audience",
+            "widget",
+        ],
+        &[
+            ("TOPK_API_AUTH_SECRET_DIR", keys.as_path()),
+            ("TOPK_API_AUTH_ISSUER", std::path::Path::new("topk")),
+        ],
+    ));
+    assert_eq!(
+        caller(&verifier, &jwt),
+        Err("token lacks the `aud` claim".to_owned())
+    );
+    assert_eq!(
+        caller(&verifier, &with_audience),
+        Ok(Caller {
+            user_id: Some(7),
+            admin: true
+        })
+    );
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_audience(&["widget"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &with_audience,
+        &jsonwebtoken::DecodingKey::from_secret(named),
+        &validation,
+    )
+    .expect("signed with k1")
+    .claims;
+    let iat = claims["iat"].as_u64().expect("iat");
+    assert_eq!(
+        claims,
+        serde_json::json!({"sub": "7", "iat": iat, "exp": iat + 600, "scope": "admin", "iss": "topk", "aud": "widget"})
+    );
+    assert_eq!(
+        jsonwebtoken::decode_header(&with_audience)
+            .expect("header")
+            .kid
+            .as_deref(),
+        Some("k1")
+    );
+
+    for (args, message) in [
+        (
+            &[
+                "--user",
+                "1",
+                "--ttl",
+                "25h",
+                "--auth-secret-file",
+                secret_arg,
+            ][..],
+            "a --ttl of 1day 1h is longer than --auth-max-token-lifetime (1day): the API refuses it",
+        ),
+        (
+            &[
+                "--user",
+                "1",
+                "--auth-max-token-lifetime",
+                "30m",
+                "--auth-secret-file",
+                secret_arg,
+            ][..],
+            "a --ttl of 1h is longer than --auth-max-token-lifetime (30m): the API refuses it",
+        ),
+        (&["--user", "1"][..], "no key to sign with"),
+        (
+            &[
+                "--user",
+                "1",
+                "--kid",
+                "k2",
+                "--auth-secret-dir",
+                keys.to_str().expect("UTF-8"),
+            ][..],
+            "no key `k2` in --auth-secret-dir",
+        ),
+    ] {
+        let output = token(args, &[]);
+        assert_eq!(output.status.code(), Some(1), "{args:?} must be refused");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Stable machine-readable code: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-    /// `unavailable`.
+    /// `too_many_requests`, `unavailable`.
     pub error: String,
     /// Human-readable reason.
     pub reason: String,
@@ -31,6 +31,14 @@ pub enum AppError {
     Forbidden(String),
     #[error("no such route")]
     NotFound,
+    /// This client (its IP address) already holds as many connections as one client may
+    /// (`--max-connections-per-client`): the server is up, the client is over its share.
+    /// `Retry-After` says when to try again.
+    #[error("{reason}")]
+    TooManyRequests {
+        reason: String,
+        retry_after_secs: u32,
+    },
     /// No answer can be given in time: neither Redis nor ClickHouse answered, or the request
     /// deadline passed. `Retry-After` says when to try again.
     #[error("{reason}")]
@@ -47,6 +55,7 @@ impl AppError {
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -57,6 +66,7 @@ impl AppError {
             AppError::Unauthorized(_) => "unauthorized",
             AppError::Forbidden(_) => "forbidden",
             AppError::NotFound => "not_found",
+            AppError::TooManyRequests { .. } => "too_many_requests",
             AppError::Unavailable { .. } => "unavailable",
         }
     }
@@ -73,6 +83,9 @@ impl IntoResponse for AppError {
         let headers = response.headers_mut();
         match self {
             AppError::Unavailable {
+                retry_after_secs, ..
+            }
+            | AppError::TooManyRequests {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

@@ -8,14 +8,16 @@
 //!   table is in ARCHITECTURE.md, "The API");
 //! - [`error`]: [`AppError`], the one error type, mapped to a status and a JSON reason;
 //! - [`conn`]: the one shared Redis connection (a cache hit is one round trip);
-//! - [`auth`]: HS256 JWT bearer tokens (off unless a secret is configured);
+//! - [`auth`]: HS256 JWT bearer tokens (off unless a key is configured), their claims policy, key
+//!   rotation by `kid` and minting (`topk token`);
 //! - [`openapi`]: the OpenAPI document served at `/openapi.json`, generated from the handlers;
 //! - [`widget`]: the embeddable HTML page;
 //! - [`observe`]: per-request tracing, the latency histogram and the counters;
-//! - [`guard`]: the bounds against abusive clients (URI length, requests in flight);
+//! - [`guard`]: the bounds against abusive clients (URI length, requests in flight, connections
+//!   per client);
 //! - [`router`], [`serve`] and [`run`]: the routes, the request deadline, the accept loop with
-//!   its bounds (connections, header read timeout, head size), graceful shutdown with a drain
-//!   timeout.
+//!   its bounds (connections in all and per client, header read timeout, head size), graceful
+//!   shutdown with a drain timeout.
 
 pub mod auth;
 pub mod conn;
@@ -27,7 +29,6 @@ pub mod top;
 pub mod widget;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +42,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use topk::cache::Redis;
 use topk::clock::SharedClock;
-use topk::config::{ClickHouseArgs, RedisArgs};
+use topk::config::{ClickHouseArgs, RedisArgs, TelemetryArgs};
 use topk::query::TopQuery;
 
+pub use auth::{MIN_SECRET_BYTES, configured_secret};
 pub use error::AppError;
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -91,6 +93,15 @@ pub struct ApiSettings {
     #[arg(long, env = "TOPK_API_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Open connections of one client at most, counted per peer IP address (an IPv6 client per
+    /// address, not per prefix). A connection beyond it is answered `429` with `Retry-After`
+    /// and a JSON reason and closed at once, without holding one of `--max-connections`: one
+    /// client cannot take every connection. Behind a reverse proxy or load balancer every
+    /// client has the proxy's address and they all share this one bound: raise it there to
+    /// the proxy's own connection pool (and bound clients at the proxy).
+    #[arg(long, env = "TOPK_API_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: u32,
     /// `/v1/…` requests being answered at once at most; one more is answered `503` with
     /// `Retry-After` at once instead of queueing.
     #[arg(long, env = "TOPK_API_MAX_IN_FLIGHT", default_value_t = 256,
@@ -128,6 +139,7 @@ impl Default for ApiSettings {
             retry_after_secs: 5,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_client: 64,
             max_in_flight: 256,
             max_olap_in_flight: 32,
             max_header_bytes: 16 * 1024,
@@ -151,11 +163,13 @@ pub struct ApiArgs {
     /// How long in-flight requests may finish after SIGINT/SIGTERM before they are dropped.
     #[arg(long, env = "TOPK_API_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
-    /// File holding the HS256 secret of bearer tokens; turns authentication on. The secret can
-    /// also come from the `TOPK_JWT_SECRET` environment variable (never a flag value: flags are
-    /// visible in the process list).
-    #[arg(long, env = "TOPK_API_AUTH_SECRET_FILE")]
-    pub auth_secret_file: Option<PathBuf>,
+    /// Keys and claims policy of bearer tokens (`auth::AuthArgs`).
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
+    /// `--metrics-addr`, as the other roles: `/metrics` on a listener of its own (then not on
+    /// `--listen`); unset, `/metrics` is on `--listen`, behind an admin token when auth is on.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// Errors starting the API.
@@ -163,16 +177,12 @@ pub struct ApiArgs {
 pub enum ServeError {
     #[error(transparent)]
     Cache(#[from] topk::cache::CacheError),
-    #[error("reading the JWT secret from {path}: {source}")]
-    Secret {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "the JWT secret has {bytes} bytes; HS256 needs at least {MIN_SECRET_BYTES} (256 bits, \
-         RFC 7518 section 3.2): generate one with `head -c 32 /dev/urandom > secret`"
-    )]
-    ShortSecret { bytes: usize },
+    /// A key or the claims policy of `--auth-…`.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// The `--metrics-addr` listener.
+    #[error(transparent)]
+    Metrics(#[from] observe::MetricsError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -242,42 +252,12 @@ impl AppState {
     }
 }
 
-/// Shortest HS256 secret accepted: a key as long as the hash (RFC 7518 section 3.2); a shorter
-/// one can be brute-forced offline from any token.
-pub const MIN_SECRET_BYTES: usize = 32;
-
-/// The HS256 secret configured by `--auth-secret-file` or `TOPK_JWT_SECRET` (the file wins),
-/// with one trailing newline (`\n` or `\r\n`, as editors and `echo` leave) removed and nothing
-/// else: a binary secret may end in bytes that look like whitespace. At least
-/// [`MIN_SECRET_BYTES`]. `None`: authentication off.
-pub fn configured_secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, ServeError> {
-    let secret = match file {
-        Some(path) => std::fs::read(path).map_err(|source| ServeError::Secret {
-            path: path.to_owned(),
-            source,
-        })?,
-        None => match std::env::var_os("TOPK_JWT_SECRET") {
-            Some(value) => value.into_encoded_bytes(),
-            None => return Ok(None),
-        },
-    };
-    let secret = match secret.strip_suffix(b"\n") {
-        Some(line) => line.strip_suffix(b"\r").unwrap_or(line).to_vec(),
-        None => secret,
-    };
-    if secret.len() < MIN_SECRET_BYTES {
-        return Err(ServeError::ShortSecret {
-            bytes: secret.len(),
-        });
-    }
-    Ok(Some(secret))
-}
-
 /// The routes. Every request runs under the request deadline and is observed (trace span,
 /// latency histogram by route, source and status) and has its URI length checked; the routes
 /// that do work (`/v1/…`: Redis, ClickHouse) share one bound of requests in flight, whose `503`
 /// they document; the static pages, health checks and metrics stay outside it, so an
-/// overloaded server still reports itself alive.
+/// overloaded server still reports itself alive. `/metrics` is routed only when the metrics have
+/// no listener of their own (`--metrics-addr`); otherwise it is `404` here like any unknown path.
 pub fn router(state: AppState) -> Router {
     let settings = &state.0.settings;
     let bounded = Router::new()
@@ -287,13 +267,16 @@ pub fn router(state: AppState) -> Router {
             settings.max_in_flight,
             settings.retry_after_secs,
         ));
-    Router::new()
+    let mut routes = Router::new()
         .merge(bounded)
         .route("/widget/{user_id}", get(widget::page))
         .route("/openapi.json", get(openapi::document))
         .route("/healthz", get(top::healthz))
-        .route("/readyz", get(top::readyz))
-        .route("/metrics", get(observe::metrics))
+        .route("/readyz", get(top::readyz));
+    if state.0.metrics.served_elsewhere().is_none() {
+        routes = routes.route("/metrics", get(observe::metrics));
+    }
+    routes
         .fallback(|| async { AppError::NotFound })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -313,6 +296,9 @@ pub fn router(state: AppState) -> Router {
 /// no header read timeout nor head size bound):
 /// - at most `--max-connections` connections are open; the loop accepts the next one only when
 ///   one closes, so a flood waits in the kernel's listen backlog, not in this process's memory;
+/// - at most `--max-connections-per-client` of them come from one IP address: one more is
+///   answered `429` and closed by [`guard::ClientConnections::refuse`], giving its connection
+///   slot back at once, so one client cannot hold all the others in the backlog;
 /// - a connection must send a whole request head within `--header-read-timeout` (from its
 ///   opening and after each response) or it is closed: slow or idle clients cannot hold the
 ///   connection slots;
@@ -336,6 +322,10 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(
         usize::try_from(settings.max_connections).unwrap_or(usize::MAX),
     ));
+    let clients = guard::ClientConnections::new(
+        settings.max_connections_per_client,
+        settings.retry_after_secs,
+    );
     let graceful = GracefulShutdown::new();
     loop {
         let slot = tokio::select! {
@@ -345,9 +335,9 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Per-connection errors (aborted handshakes) and resource exhaustion
                     // (EMFILE) alike: the server stays up and tries again shortly.
@@ -358,6 +348,11 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        let Some(client) = clients.open(peer.ip()) else {
+            drop(slot);
+            clients.refuse(stream, peer.ip());
+            continue;
+        };
         // Answers are small and written at once: no Nagle delay.
         let _ = stream.set_nodelay(true);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), app.clone()));
@@ -366,6 +361,7 @@ pub async fn serve(
                 // Header timeouts, oversized heads, clients that went away: the client's doing.
                 tracing::debug!(%error, "connection ended with an error");
             }
+            drop(client);
             drop(slot);
         });
     }
@@ -387,7 +383,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let redis = Redis::connect(&args.redis)?;
-    let auth = configured_secret(args.auth_secret_file.as_deref())?.map(|s| auth::Auth::hs256(&s));
+    let auth = auth::Auth::from_args(&args.auth)?;
+    // Before `AppState::new`: the recorder it installs is then this listener's.
+    if let Some(addr) = args.telemetry.metrics_addr {
+        observe::Metrics::serve_at(addr)?;
+        tracing::info!(%addr, "metrics listener started");
+    }
     let state = AppState::new(
         redis,
         &args.redis.prefix,

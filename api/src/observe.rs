@@ -9,18 +9,25 @@
 //! - `topk_api_dependency_errors_total{dependency=redis|clickhouse, op}`;
 //! - `topk_api_write_back_total{outcome=written|emptied|refused}`;
 //! - `topk_api_shed_total`: requests answered `503` at once over `--max-in-flight`
-//!   (counted in [`crate::guard`]).
+//!   (counted in [`crate::guard`]);
+//! - `topk_api_refused_connections_total`: connections refused (`429`, or closed unanswered
+//!   past [`crate::guard::MAX_REFUSALS_IN_FLIGHT`]) because their client already held
+//!   `--max-connections-per-client`.
 //!
 //! Every request runs in a `request` span (method, route) under the request deadline.
+//!
+//! The metrics are rendered at `/metrics` on the API's own listener, or, with `--metrics-addr`,
+//! only on a listener of their own ([`Metrics::serve_at`]), as the other roles do.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
 
 use crate::{AppError, AppState};
@@ -50,37 +57,119 @@ const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// The process's Prometheus recorder, rendered at `/metrics`.
+/// The process's Prometheus recorder and where it is rendered.
 #[derive(Clone)]
-pub struct Metrics(Option<PrometheusHandle>);
+pub struct Metrics(Exporter);
+
+#[derive(Clone)]
+enum Exporter {
+    /// Rendered by the API at `/metrics` on its own listener.
+    Here(PrometheusHandle),
+    /// Served by a listener of its own at this address (`--metrics-addr`): not on the API's.
+    Elsewhere(SocketAddr),
+    /// Another recorder was installed first: `/metrics` says so.
+    Missing,
+}
+
+/// The recorder of this process, installed once (by [`Metrics::serve_at`] or the first
+/// [`Metrics::install`]).
+static INSTALLED: OnceLock<Exporter> = OnceLock::new();
+
+/// Errors installing the metrics listener.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot start the metrics listener on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: BuildError,
+    },
+    #[error("cannot start the metrics listener on {addr}: this process's recorder is installed")]
+    AlreadyInstalled { addr: SocketAddr },
+}
+
+/// The API's recorder: the exporter's defaults with the latency histogram's buckets.
+fn builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Full("topk_api_request_seconds".to_owned()),
+        BUCKETS,
+    )
+}
 
 impl Metrics {
-    /// Installs the process-wide Prometheus recorder once (later calls share it). `None` when
+    /// Installs the process-wide Prometheus recorder once (later calls share it), rendered by
+    /// the API at `/metrics` unless [`Metrics::serve_at`] installed it first. Missing when
     /// another recorder was installed first (then `/metrics` says so).
     pub fn install() -> Self {
-        static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
         Metrics(
-            HANDLE
-                .get_or_init(|| {
-                    PrometheusBuilder::new()
-                        .set_buckets_for_metric(
-                            Matcher::Full("topk_api_request_seconds".to_owned()),
-                            BUCKETS,
-                        )
-                        .ok()?
-                        .install_recorder()
-                        .map_err(|error| tracing::warn!(%error, "no Prometheus recorder"))
-                        .ok()
-                })
+            INSTALLED
+                .get_or_init(
+                    || match builder().and_then(PrometheusBuilder::install_recorder) {
+                        Ok(handle) => Exporter::Here(handle),
+                        Err(error) => {
+                            tracing::warn!(%error, "no Prometheus recorder");
+                            Exporter::Missing
+                        }
+                    },
+                )
                 .clone(),
         )
     }
+
+    /// Installs the process-wide recorder with a `/metrics` listener of its own at `addr`: the
+    /// exporter's HTTP listener that `topk::telemetry::init` starts for the other roles (the
+    /// same `--metrics-addr`), with the API's histogram buckets. The API's own listener then
+    /// answers `404` for `/metrics` ([`crate::router`]). Must run inside a tokio runtime, before
+    /// the first [`Metrics::install`] (which [`crate::AppState::new`] calls): one recorder per
+    /// process.
+    pub fn serve_at(addr: SocketAddr) -> Result<Self, MetricsError> {
+        let mut failed = None;
+        let exporter = INSTALLED.get_or_init(|| {
+            match builder().and_then(|b| b.with_http_listener(addr).install()) {
+                Ok(()) => Exporter::Elsewhere(addr),
+                Err(source) => {
+                    failed = Some(source);
+                    Exporter::Missing
+                }
+            }
+        });
+        if let Some(source) = failed {
+            return Err(MetricsError::Listen { addr, source });
+        }
+        match exporter {
+            Exporter::Elsewhere(at) if *at == addr => Ok(Metrics(exporter.clone())),
+            _ => Err(MetricsError::AlreadyInstalled { addr }),
+        }
+    }
+
+    /// The address of the metrics' own listener, when they have one (`--metrics-addr`).
+    pub fn served_elsewhere(&self) -> Option<SocketAddr> {
+        match self.0 {
+            Exporter::Elsewhere(addr) => Some(addr),
+            Exporter::Here(_) | Exporter::Missing => None,
+        }
+    }
 }
 
-/// `/metrics`: the Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// `/metrics` on the API's listener: the Prometheus text format. With authentication on it
+/// needs a token with the admin scope (`401` without a valid token, `403` with another one):
+/// the counters tell request rates, cache ratios and dependency failures, which are the
+/// operator's business, not every caller's. A `--metrics-addr` listener has no such check: it
+/// is meant for a private address, as the other roles'.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(auth) = &state.0.auth {
+        match auth.caller(&headers) {
+            Ok(caller) if caller.admin => {}
+            Ok(_) => {
+                return AppError::Forbidden(
+                    "/metrics needs a token with the admin scope".to_owned(),
+                )
+                .into_response();
+            }
+            Err(error) => return error.into_response(),
+        }
+    }
     match &state.0.metrics.0 {
-        Some(handle) => {
+        Exporter::Here(handle) => {
             handle.run_upkeep();
             (
                 [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -88,7 +177,9 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             )
                 .into_response()
         }
-        None => AppError::Unavailable {
+        // Not routed (`crate::router`); answered as any unknown route if it ever were.
+        Exporter::Elsewhere(_) => AppError::NotFound.into_response(),
+        Exporter::Missing => AppError::Unavailable {
             reason: "no metrics recorder in this process".to_owned(),
             retry_after_secs: state.0.settings.retry_after_secs,
         }
@@ -177,4 +268,12 @@ pub fn write_back(outcome: topk::cache::Outcome) {
         topk::cache::Outcome::Refused => "refused",
     };
     metrics::counter!("topk_api_write_back_total", "outcome" => outcome).increment(1);
+}
+
+/// A connection refused because `peer` already held `max` connections
+/// (`--max-connections-per-client`). Logged at debug only: a client flooding past its share
+/// must not flood the log too (the counter shows it).
+pub fn connection_refused(peer: IpAddr, max: u32) {
+    metrics::counter!("topk_api_refused_connections_total").increment(1);
+    tracing::debug!(%peer, max, "connection refused: the client holds its share of connections");
 }

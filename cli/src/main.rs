@@ -78,6 +78,8 @@ enum Command {
     Warmup(Box<topk_refresher::WarmupArgs>),
     /// Serve the REST API and the widget (Redis first, ClickHouse on a miss).
     Serve(Box<topk_api::ApiArgs>),
+    /// Print a bearer token for the API, signed with its keys (`--auth-…`, `TOPK_JWT_SECRET`).
+    Token(Box<topk_api::auth::TokenArgs>),
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {
@@ -227,6 +229,10 @@ async fn main() -> anyhow::Result<()> {
             topk_api::run(*args, topk::clock::system(), shutdown)
                 .await
                 .context("API failed")?;
+        }
+        Command::Token(args) => {
+            let token = topk_api::auth::mint(&args).context("minting a token")?;
+            print_line(&token)?;
         }
         Command::Warmup(args) => {
             topk::telemetry::init_logging();

@@ -140,8 +140,9 @@ fn check_forged_header(auth: &Auth, header: &[u8]) {
     }
 }
 
-/// A token signed with the secret is accepted exactly when its claims are a JSON object with a
-/// future integer `exp` and a usable `sub`, and speaks for the `sub` and `scope` in it.
+/// A token signed with the secret is accepted only when its claims are a JSON object with a
+/// future integer `exp` (within the maximum lifetime) and a usable `sub`, and then speaks for
+/// the `sub` and `scope` in it.
 fn check_signed_claims(auth: &Auth, claims: &[u8]) {
     let signing_input = format!(
         "{}.{}",
