@@ -211,10 +211,11 @@ impl Store {
         self.write_intents_before(batches, logged_at, 0).await
     }
 
-    /// Records the intents of `batches` (step 1 of a flush). The server applies the insert only
-    /// while its clock is at or before `write_deadline` (seconds, server clock; 0: no deadline):
-    /// later, the `fence` column's `throwIf` refuses it whole, so an insert stalled past the
-    /// handover of its partitions can never land (ARCHITECTURE.md, "Fencing").
+    /// Records the intents of `batches` (step 2 of a flush, as ARCHITECTURE.md "Flush" numbers
+    /// them). The server applies the insert only while its clock is at or before
+    /// `write_deadline` (seconds, server clock; 0: no deadline): later, the `fence` column's
+    /// `throwIf` refuses it whole, so an insert stalled past the handover of its partitions can
+    /// never land (ARCHITECTURE.md, "Fencing").
     pub async fn write_intents_before(
         &self,
         batches: &[&Batch],
@@ -238,7 +239,7 @@ impl Store {
         .await
     }
 
-    /// Writes the counts of `batches` (step 2 of a flush). Returns the number of rows.
+    /// Writes the counts of `batches` (step 3 of a flush). Returns the number of rows.
     pub async fn write_counts(&self, batches: &[&Batch]) -> Result<u64, clickhouse::error::Error> {
         self.timed(self.write_counts_untimed(batches)).await
     }
@@ -298,8 +299,9 @@ impl Store {
         .await
     }
 
-    /// Records the users the flush wrote counts for (after the counts, before the commit), so
-    /// that the refresher recomputes exactly those users. A replay writes them again: harmless.
+    /// Records the users the flush wrote counts for (step 3, after the counts, before the
+    /// commit), so that the refresher recomputes exactly those users. A replay writes them
+    /// again: harmless.
     pub async fn write_user_touches(
         &self,
         batches: &[&Batch],

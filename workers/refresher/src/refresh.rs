@@ -1,5 +1,5 @@
 //! One refresh: recompute a set of users' answers with the batch query and store them with the
-//! guarded script. [`refresh_users`] is shared by the refresher's cycles and the warm-up;
+//! guarded script. [`Refresh::users`] is shared by the refresher's cycles and the warm-up;
 //! [`Refresher`] keeps the cursors that say which users changed since its previous cycle.
 
 use std::collections::{BTreeSet, HashMap};
