@@ -4,6 +4,26 @@
 //! that several groups can be flattened side by side into one subcommand.
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A duration flag (`250ms`, `10s`, `8d`) of at least 1 ms: a zero timeout, interval or TTL
+/// would mean "never" or a busy loop.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    duration_at_least(text, Duration::from_millis(1), "1ms")
+}
+
+/// A duration flag of at least 1 s, for what is counted in whole seconds (token lifetimes).
+pub fn duration_in_seconds(text: &str) -> Result<Duration, String> {
+    duration_at_least(text, Duration::from_secs(1), "1s")
+}
+
+fn duration_at_least(text: &str, min: Duration, shown: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= min => Ok(d),
+        Ok(_) => Err(format!("must be at least {shown}")),
+        Err(error) => Err(error.to_string()),
+    }
+}
 
 /// Kafka-protocol broker and topic.
 #[derive(Debug, Clone, clap::Args)]

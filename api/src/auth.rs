@@ -79,7 +79,7 @@ pub struct AuthArgs {
     /// A token whose `exp` is further away than this, or whose `exp - iat` is longer, is
     /// refused: a leaked token cannot be valid forever.
     #[arg(long, env = "TOPK_API_AUTH_MAX_TOKEN_LIFETIME", default_value = "24h",
-          value_parser = seconds)]
+          value_parser = topk::config::duration_in_seconds)]
     pub auth_max_token_lifetime: Duration,
 }
 
@@ -100,14 +100,6 @@ fn non_empty(text: &str) -> Result<String, String> {
         Err("must not be empty (leave it unset instead)".to_owned())
     } else {
         Ok(text.to_owned())
-    }
-}
-
-fn seconds(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
-        Ok(_) => Err("must be at least 1s".to_owned()),
-        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -542,7 +534,7 @@ pub struct TokenArgs {
     #[arg(long)]
     pub admin: bool,
     /// Lifetime of the token (`exp - iat`); at most `--auth-max-token-lifetime`.
-    #[arg(long, default_value = "1h", value_parser = seconds)]
+    #[arg(long, default_value = "1h", value_parser = topk::config::duration_in_seconds)]
     pub ttl: Duration,
     /// Sign with this key of `--auth-secret-dir` (a file name) and put it in the `kid` header;
     /// without it, the key of `--auth-secret-file`/`TOPK_JWT_SECRET`, no `kid`.

@@ -48,37 +48,29 @@ use topk::query::TopQuery;
 pub use auth::{MIN_SECRET_BYTES, configured_secret};
 pub use error::AppError;
 
-fn duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
-        Ok(_) => Err("must be at least 1ms".to_owned()),
-        Err(error) => Err(error.to_string()),
-    }
-}
-
 /// Deadlines and cache policy of the API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiSettings {
     /// Deadline of a whole request; past it the answer is `503` with `Retry-After`.
-    #[arg(long, env = "TOPK_API_REQUEST_TIMEOUT", default_value = "2s", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_REQUEST_TIMEOUT", default_value = "2s", value_parser = topk::config::duration)]
     pub request_timeout: Duration,
     /// Deadline of one Redis call (read, write-back, ping).
-    #[arg(long, env = "TOPK_API_REDIS_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_REDIS_TIMEOUT", default_value = "250ms", value_parser = topk::config::duration)]
     pub redis_timeout: Duration,
     /// Deadline of one ClickHouse computation (a miss, a recheck, a ping).
-    #[arg(long, env = "TOPK_API_OLAP_TIMEOUT", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_OLAP_TIMEOUT", default_value = "1s", value_parser = topk::config::duration)]
     pub olap_timeout: Duration,
     /// A cached answer computed longer ago than this is recomputed from ClickHouse (and written
     /// back); if ClickHouse cannot answer, the cached one is served with `stale: true`. The
     /// refresher rewrites only users whose answer changed, so this bounds how long a stopped
     /// refresher goes unnoticed, at one ClickHouse query per read user per max age.
-    #[arg(long, env = "TOPK_API_MAX_AGE", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_MAX_AGE", default_value = "1h", value_parser = topk::config::duration)]
     pub max_age: Duration,
     /// TTL of an answer the API writes back (as `topk refresh --key-ttl`).
-    #[arg(long, env = "TOPK_API_KEY_TTL", default_value = "8d", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_KEY_TTL", default_value = "8d", value_parser = topk::config::duration)]
     pub key_ttl: Duration,
     /// TTL of the tombstone of an empty answer written back (as `topk refresh --tombstone-ttl`).
-    #[arg(long, env = "TOPK_API_TOMBSTONE_TTL", default_value = "15m", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_TOMBSTONE_TTL", default_value = "15m", value_parser = topk::config::duration)]
     pub tombstone_ttl: Duration,
     /// `Retry-After` (seconds) of a `503`.
     #[arg(long, env = "TOPK_API_RETRY_AFTER", default_value_t = 5)]
@@ -86,7 +78,7 @@ pub struct ApiSettings {
     /// A connection must deliver a request's whole head (request line and headers) within this
     /// long after it opens or after its previous response, or it is closed (slowloris, idle
     /// connections).
-    #[arg(long, env = "TOPK_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = topk::config::duration)]
     pub header_read_timeout: Duration,
     /// Open connections at most; past it new connections wait in the listen backlog (not
     /// accepted, so they cost no memory of the process) until one closes.
@@ -161,7 +153,7 @@ pub struct ApiArgs {
     #[arg(long, env = "TOPK_API_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// How long in-flight requests may finish after SIGINT/SIGTERM before they are dropped.
-    #[arg(long, env = "TOPK_API_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "TOPK_API_DRAIN_TIMEOUT", default_value = "10s", value_parser = topk::config::duration)]
     pub drain_timeout: Duration,
     /// Keys and claims policy of bearer tokens (`auth::AuthArgs`).
     #[command(flatten)]

@@ -45,14 +45,6 @@ pub enum RefreshError {
     Cache(#[from] CacheError),
 }
 
-fn duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
-        Ok(_) => Err("must be at least 1ms".to_owned()),
-        Err(error) => Err(error.to_string()),
-    }
-}
-
 /// How answers are computed and stored: shared by `topk refresh` and `topk warmup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RefreshSettings {
@@ -66,22 +58,22 @@ pub struct RefreshSettings {
     pub concurrency: usize,
     /// TTL of a user's keys, renewed by every write. Longer than the window, so that only users
     /// no refresher looks after any more (abandoned prefixes, stopped refreshers) vanish by TTL.
-    #[arg(long, env = "TOPK_REFRESH_KEY_TTL", default_value = "8d", value_parser = duration)]
+    #[arg(long, env = "TOPK_REFRESH_KEY_TTL", default_value = "8d", value_parser = topk::config::duration)]
     pub key_ttl: Duration,
     /// How long the tombstone of an emptied answer keeps its version, so that an older answer
     /// still in flight cannot bring the user back. Longer than any computation takes (a cycle, a
     /// warm-up page: from its `now` to its last write).
-    #[arg(long, env = "TOPK_REFRESH_TOMBSTONE_TTL", default_value = "15m", value_parser = duration)]
+    #[arg(long, env = "TOPK_REFRESH_TOMBSTONE_TTL", default_value = "15m", value_parser = topk::config::duration)]
     pub tombstone_ttl: Duration,
     /// Overlap of consecutive reads of the users touched by flushes: longer than an insert into
     /// ClickHouse can take to become visible (the aggregator already assumes its inserts finish
     /// within its 10 s session timeout). A touched user is recomputed up to
     /// 1 + margin / interval times.
-    #[arg(long, env = "TOPK_REFRESH_TOUCH_MARGIN", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "TOPK_REFRESH_TOUCH_MARGIN", default_value = "30s", value_parser = topk::config::duration)]
     pub touch_margin: Duration,
     /// How far back the first cycle of a process looks (touches and window movement). After a
     /// longer outage, run `topk warmup`.
-    #[arg(long, env = "TOPK_REFRESH_CATCH_UP", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "TOPK_REFRESH_CATCH_UP", default_value = "1h", value_parser = topk::config::duration)]
     pub catch_up: Duration,
 }
 
@@ -97,7 +89,7 @@ pub struct RefresherArgs {
     #[command(flatten)]
     pub settings: RefreshSettings,
     /// Time between the starts of two cycles (a cycle that takes longer delays the next one).
-    #[arg(long, env = "TOPK_REFRESH_INTERVAL", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "TOPK_REFRESH_INTERVAL", default_value = "60s", value_parser = topk::config::duration)]
     pub refresh_interval: Duration,
 }
 
