@@ -17,7 +17,8 @@ use futures::StreamExt;
 use redis::IntoConnectionInfo;
 use redis::cluster::ClusterClient;
 
-use crate::config::{RedisArgs, RedisAuth};
+use crate::config::{CachePolicyArgs, RedisArgs, RedisAuth};
+use crate::telemetry::Chain;
 use crate::window::{RankedSong, Source, TopSongs, Window, WindowJson, rank, rfc3339_ms};
 
 /// The pool of multiplexed Redis connections.
@@ -26,9 +27,9 @@ pub type Pool = bb8::Pool<RedisConnectionManager>;
 /// Errors building the pool.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("invalid Redis URL: {0}")]
+    #[error("invalid Redis URL")]
     Url(#[source] RedisError),
-    #[error("Redis error: {0}")]
+    #[error("Redis error")]
     Redis(#[from] RedisError),
     #[error("no Redis connection available in time")]
     PoolTimeout,
@@ -36,7 +37,7 @@ pub enum CacheError {
 
 /// A pool for the configured Redis. Connections are opened lazily, so a Redis that is down at
 /// start-up degrades requests instead of stopping the process.
-pub fn pool(args: &RedisArgs) -> Result<Pool, CacheError> {
+fn pool(args: &RedisArgs) -> Result<Pool, CacheError> {
     let manager = RedisConnectionManager::new(connection_info(&args.url, &args.auth)?)
         .map_err(CacheError::Url)?;
     Ok(bb8::Pool::builder()
@@ -53,7 +54,7 @@ struct LoggedErrors;
 
 impl bb8::ErrorSink<RedisError> for LoggedErrors {
     fn sink(&self, error: RedisError) {
-        tracing::warn!(%error, "opening a Redis connection failed");
+        tracing::warn!(error = %Chain(&error), "opening a Redis connection failed");
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
@@ -217,20 +218,10 @@ pub fn meta_key(prefix: &str, user_id: u64) -> String {
     format!("{prefix}:{{{user_id}}}:meta")
 }
 
-/// Reads a user's materialised answer: the meta hash and the sorted set in one round trip
-/// (a transaction). `None` when the user has no meta (never computed, or expired).
-pub async fn read_top(
-    pool: &Pool,
-    prefix: &str,
-    user_id: u64,
-    limit: usize,
-) -> Result<Option<TopSongs>, CacheError> {
-    let mut conn = pool.get().await.map_err(run_error)?;
-    read_top_on(&mut *conn, prefix, user_id, limit).await
-}
-
-/// [`read_top`] on a connection. A meta hash without the answer's fields (the refresher's
-/// tombstone of an emptied answer) reads as `None` too, so a caller falls back to ClickHouse.
+/// Reads a user's materialised answer on a connection: the meta hash and the sorted set in one
+/// round trip (see [`read_cached_on`]). `None` when the user has no meta (never computed, or
+/// expired); a meta hash without the answer's fields (the refresher's tombstone of an emptied
+/// answer) reads as `None` too, so a caller falls back to ClickHouse.
 pub async fn read_top_on<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     prefix: &str,
@@ -259,17 +250,6 @@ fn parse_rfc3339_ms(text: &str) -> Option<i64> {
     let time =
         time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
-}
-
-/// Reads a user's materialised answer (see [`read_cached_on`]).
-pub async fn read_cached(
-    redis: &Redis,
-    prefix: &str,
-    user_id: u64,
-    limit: usize,
-) -> Result<Option<Cached>, CacheError> {
-    let mut conn = redis.get().await?;
-    read_cached_on(&mut conn, prefix, user_id, limit).await
 }
 
 /// Reads a user's materialised answer: the meta hash and the sorted set in one round trip
@@ -391,6 +371,17 @@ pub struct Target {
     pub prefix: String,
     pub ttl: Duration,
     pub tombstone_ttl: Duration,
+}
+
+impl Target {
+    /// The keys under `prefix`, kept as `policy` says.
+    pub fn new(prefix: &str, policy: &CachePolicyArgs) -> Self {
+        Target {
+            prefix: prefix.to_owned(),
+            ttl: policy.key_ttl,
+            tombstone_ttl: policy.tombstone_ttl,
+        }
+    }
 }
 
 /// One computed answer, as the script stores it.

@@ -1,27 +1,52 @@
 //! Connection settings shared by every role. Each group is a `clap::Args` struct that a role
 //! flattens into its own config, so every address is a flag and a `TOPK_…` environment variable,
-//! with the defaults from the design brief. Every argument has an explicit, group-prefixed id so
-//! that several groups can be flattened side by side into one subcommand.
+//! with the defaults of docs/contracts.md ("Defaults"). Every argument has an explicit,
+//! group-prefixed id so that several groups can be flattened side by side into one subcommand.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The values of a flag group when no flag and no environment variable is given: its clap
+/// defaults, so that each default is written once, in its `#[arg]` (a group's `Default` is
+/// this). The `TOPK_…` variables are not read, so a default is the same in every process (a
+/// `#[arg(skip = …)]` field is still its expression). Panics if the group has a required flag
+/// (a programming error, caught by the group's tests).
+pub fn defaults<T: clap::Args>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    command
+        .try_get_matches_from(["defaults"])
+        .and_then(|matches| T::from_arg_matches(&matches))
+        .unwrap_or_else(|error| panic!("a flag group without defaults: {error}"))
+}
+
+/// A duration flag that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationError {
+    #[error(transparent)]
+    Unreadable(#[from] humantime::DurationError),
+    #[error("must be at least {0}")]
+    TooShort(&'static str),
+}
+
 /// A duration flag (`250ms`, `10s`, `8d`) of at least 1 ms: a zero timeout, interval or TTL
 /// would mean "never" or a busy loop.
-pub fn duration(text: &str) -> Result<Duration, String> {
+pub fn duration(text: &str) -> Result<Duration, DurationError> {
     duration_at_least(text, Duration::from_millis(1), "1ms")
 }
 
 /// A duration flag of at least 1 s, for what is counted in whole seconds (token lifetimes).
-pub fn duration_in_seconds(text: &str) -> Result<Duration, String> {
+pub fn duration_in_seconds(text: &str) -> Result<Duration, DurationError> {
     duration_at_least(text, Duration::from_secs(1), "1s")
 }
 
-fn duration_at_least(text: &str, min: Duration, shown: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d >= min => Ok(d),
-        Ok(_) => Err(format!("must be at least {shown}")),
-        Err(error) => Err(error.to_string()),
+fn duration_at_least(
+    text: &str,
+    min: Duration,
+    shown: &'static str,
+) -> Result<Duration, DurationError> {
+    match humantime::parse_duration(text)? {
+        d if d >= min => Ok(d),
+        _ => Err(DurationError::TooShort(shown)),
     }
 }
 
@@ -118,8 +143,11 @@ impl Secret {
     }
 
     /// The secret in the file at `path`, trailing whitespace (the editor's newline) removed.
-    pub fn from_file(path: &str) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    pub fn from_file(path: &str) -> Result<Self, SecretFileError> {
+        let text = std::fs::read_to_string(path).map_err(|error| SecretFileError {
+            path: path.to_owned(),
+            error,
+        })?;
         Ok(Secret(text.trim_end().to_owned()))
     }
 
@@ -134,6 +162,15 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// A secret file that cannot be read. The reason is part of the message, not a `source`: clap,
+/// which reports it for a `--…-file` flag, prints an error's own message only.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {error}")]
+pub struct SecretFileError {
+    pub path: String,
+    pub error: std::io::Error,
 }
 
 impl std::fmt::Debug for Secret {
@@ -213,8 +250,9 @@ impl RedisAuth {
     }
 }
 
-/// A secret from its file if one was given, else from its environment variable.
-fn file_or_env<'a>(file: &'a Option<Secret>, env: &'a Option<Secret>) -> Option<&'a str> {
+/// A secret from its file if one was given, else from its environment variable: the one way
+/// every `--…-file` flag and its `TOPK_…` variable are read.
+pub fn file_or_env<'a>(file: &'a Option<Secret>, env: &'a Option<Secret>) -> Option<&'a str> {
     file.as_ref().or(env.as_ref()).map(Secret::expose)
 }
 
@@ -224,4 +262,84 @@ pub struct TelemetryArgs {
     /// Address of the Prometheus `/metrics` listener of this process (none when unset).
     #[arg(id = "metrics_addr", long = "metrics-addr", env = "TOPK_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The settings every consumer-group role (aggregator, archiver) has, under the same names:
+/// membership and shutdown (`topk::group`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MemberArgs {
+    /// Kafka consumer-group session timeout: how long a dead member keeps its partitions.
+    #[arg(long, env = "TOPK_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub kafka_session_timeout: std::time::Duration,
+    /// How long SIGTERM may spend on the final flush or upload before giving up (nothing is
+    /// lost: the uncommitted range is re-read by the next owner).
+    #[arg(long, env = "TOPK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: std::time::Duration,
+    /// Test hook: sleep this long between writing a flush (or an upload) and committing its
+    /// offsets, to widen the window a crash test aims `kill -9` at.
+    #[arg(long, env = "TOPK_TEST_PAUSE_BEFORE_COMMIT", value_parser = humantime::parse_duration, hide = true)]
+    pub test_pause_before_commit: Option<std::time::Duration>,
+}
+
+/// How long answers are kept in Redis: one policy for every writer of a user's keys (the
+/// refresher, the warm-up and the API's write-back), so they cannot disagree.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct CachePolicyArgs {
+    /// TTL of a user's keys, renewed by every write (the refresher's, the warm-up's and the
+    /// API's write-back alike). Longer than the window, so that only users no refresher looks
+    /// after any more (abandoned prefixes, stopped refreshers) vanish by TTL. `TOPK_KEY_TTL`
+    /// replaces `TOPK_API_KEY_TTL` and `TOPK_REFRESH_KEY_TTL`, which are no longer read.
+    #[arg(
+        id = "cache_key_ttl",
+        long = "key-ttl",
+        env = "TOPK_KEY_TTL",
+        default_value = "8d",
+        value_parser = duration
+    )]
+    pub key_ttl: Duration,
+    /// How long the tombstone of an emptied answer keeps its version, so that an older answer
+    /// still in flight cannot bring the user back. Longer than any computation takes (a cycle, a
+    /// warm-up page, a miss: from its `now` to its last write). `TOPK_TOMBSTONE_TTL` replaces
+    /// `TOPK_API_TOMBSTONE_TTL` and `TOPK_REFRESH_TOMBSTONE_TTL`, which are no longer read.
+    #[arg(
+        id = "cache_tombstone_ttl",
+        long = "tombstone-ttl",
+        env = "TOPK_TOMBSTONE_TTL",
+        default_value = "15m",
+        value_parser = duration
+    )]
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for CachePolicyArgs {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_flags_defaults() {
+        let policy: CachePolicyArgs = defaults();
+        assert_eq!(policy.key_ttl, Duration::from_secs(8 * 24 * 3600));
+        assert_eq!(policy.tombstone_ttl, Duration::from_secs(15 * 60));
+        assert_eq!(defaults::<KafkaArgs>().topic, "plays");
+    }
+
+    #[test]
+    fn durations_have_a_floor() {
+        assert_eq!(duration("250ms").ok(), Some(Duration::from_millis(250)));
+        assert_eq!(
+            duration("0s").map_err(|e| e.to_string()).err().as_deref(),
+            Some("must be at least 1ms")
+        );
+        assert!(duration_in_seconds("500ms").is_err());
+        assert!(matches!(
+            duration("soon"),
+            Err(DurationError::Unreadable(_))
+        ));
+    }
 }

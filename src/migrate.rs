@@ -68,14 +68,14 @@ pub const MIGRATIONS: &[Migration] = &[
 pub enum MigrateError {
     #[error("database name {0:?} is not a plain identifier ([A-Za-z0-9_]+)")]
     BadDatabaseName(String),
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed")]
     Statement {
         version: u32,
         name: &'static str,
         #[source]
         source: clickhouse::error::Error,
     },
-    #[error("ClickHouse error: {0}")]
+    #[error("ClickHouse error")]
     ClickHouse(#[from] clickhouse::error::Error),
 }
 

@@ -1,5 +1,7 @@
-//! Tracing (key/value logs to stderr, filtered by `RUST_LOG`) and the Prometheus exporter.
+//! Tracing (key/value logs to stderr, filtered by `RUST_LOG`), the Prometheus exporter, and
+//! [`Chain`], how an error is written into a log line.
 
+use std::fmt;
 use std::io::{self, IsTerminal as _};
 use std::net::SocketAddr;
 
@@ -11,11 +13,45 @@ use crate::config::TelemetryArgs;
 /// Errors starting telemetry.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("cannot start the metrics listener on {addr}: {source}")]
+    #[error("cannot start the metrics listener on {addr}")]
     Metrics {
         addr: SocketAddr,
         source: metrics_exporter_prometheus::BuildError,
     },
+}
+
+/// An error and every cause under it, `outer: cause: root cause`: how an error goes into a log
+/// line (`tracing::warn!(error = %Chain(&error), …)`) or any text that leaves the process.
+///
+/// topk's errors describe only their own layer and name what caused it as
+/// [`source`](std::error::Error::source), so `{}` of one shows its own layer alone and anyhow's
+/// `{:#}` / `Debug` (what the CLI prints) show each cause once. A cause whose text the layer
+/// above already contains (a library error that writes its source into its own message) is
+/// not repeated.
+#[derive(Clone, Copy)]
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut above = self.0.to_string();
+        f.write_str(&above)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !above.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            above = text;
+            cause = error.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// Installs the global tracing subscriber (idempotent: a second call is a no-op).
@@ -67,4 +103,26 @@ pub fn init(args: &TelemetryArgs) -> Result<(), TelemetryError> {
         tracing::info!(%addr, "metrics listener started");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: {0}")]
+    struct Middle(#[source] io::Error);
+
+    #[test]
+    fn a_chain_shows_every_cause_once() {
+        let error = Outer(Middle(io::Error::other("root")));
+        assert_eq!(error.to_string(), "outer");
+        // `Middle` writes its cause into its own message: shown once.
+        assert_eq!(Chain(&error).to_string(), "outer: middle: root");
+        assert_eq!(Chain(&io::Error::other("alone")).to_string(), "alone");
+    }
 }

@@ -42,6 +42,7 @@ use axum::http::header::AUTHORIZATION;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Deserialize;
+use topk::telemetry::Chain;
 
 use crate::AppError;
 
@@ -83,21 +84,21 @@ pub struct AuthArgs {
     pub auth_max_token_lifetime: Duration,
 }
 
+/// The flags' defaults: no key (authentication off), no `iss` or `aud`, 24 h at most.
 impl Default for AuthArgs {
     fn default() -> Self {
-        AuthArgs {
-            auth_secret_file: None,
-            auth_secret_dir: None,
-            auth_issuer: None,
-            auth_audience: None,
-            auth_max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
-        }
+        topk::config::defaults()
     }
 }
 
-fn non_empty(text: &str) -> Result<String, String> {
+/// An empty `--auth-issuer`, `--auth-audience`, `--issuer` or `--audience`.
+#[derive(Debug, thiserror::Error)]
+#[error("must not be empty (leave it unset instead)")]
+pub struct EmptyValue;
+
+fn non_empty(text: &str) -> Result<String, EmptyValue> {
     if text.is_empty() {
-        Err("must not be empty (leave it unset instead)".to_owned())
+        Err(EmptyValue)
     } else {
         Ok(text.to_owned())
     }
@@ -106,7 +107,7 @@ fn non_empty(text: &str) -> Result<String, String> {
 /// Errors configuring authentication or minting a token.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("reading the JWT secret from {path}: {source}")]
+    #[error("reading the JWT secret from {path}")]
     Secret {
         path: PathBuf,
         source: std::io::Error,
@@ -116,7 +117,7 @@ pub enum AuthError {
          (256 bits, RFC 7518 section 3.2): generate one with `head -c 32 /dev/urandom > secret`"
     )]
     ShortSecret { origin: String, bytes: usize },
-    #[error("reading the JWT key directory {path}: {source}")]
+    #[error("reading the JWT key directory {path}")]
     KeyDir {
         path: PathBuf,
         source: std::io::Error,
@@ -141,7 +142,7 @@ pub enum AuthError {
         "a --ttl of {ttl} is longer than --auth-max-token-lifetime ({max}): the API refuses it"
     )]
     TtlTooLong { ttl: String, max: String },
-    #[error("signing the token: {0}")]
+    #[error("signing the token")]
     Sign(#[from] jsonwebtoken::errors::Error),
 }
 
@@ -271,12 +272,15 @@ impl KeyDir {
             match read_key_dir(&self.path) {
                 Ok((keys, problems)) => {
                     for problem in problems {
-                        tracing::warn!(error = %problem, "JWT key file skipped");
+                        tracing::warn!(error = %Chain(&problem), "JWT key file skipped");
                     }
                     set.keys = keys;
                 }
                 Err(error) => {
-                    tracing::error!(%error, "JWT key directory unreadable; keeping its keys");
+                    tracing::error!(
+                        error = %Chain(&error),
+                        "JWT key directory unreadable; keeping its keys"
+                    );
                 }
             }
         }
@@ -692,6 +696,13 @@ mod tests {
             .read()
             .expect("lock")
             .reads
+    }
+
+    #[test]
+    fn the_flags_default_is_the_verifiers_default() {
+        let args = AuthArgs::default();
+        assert_eq!(args.auth_max_token_lifetime, DEFAULT_MAX_TOKEN_LIFETIME);
+        assert!(args.auth_secret_file.is_none() && args.auth_issuer.is_none());
     }
 
     #[test]

@@ -62,7 +62,7 @@ fn shed(error: &BoxError, retry_after_secs: u32) -> AppError {
         }
     } else {
         // The routes' errors are `Infallible`: only the shedder can fail.
-        tracing::error!(%error, "unexpected middleware error");
+        tracing::error!(error = %topk::telemetry::Chain(&**error), "unexpected middleware error");
         AppError::Unavailable {
             reason: "internal error".to_owned(),
             retry_after_secs,

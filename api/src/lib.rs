@@ -42,8 +42,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use topk::cache::Redis;
 use topk::clock::SharedClock;
-use topk::config::{ClickHouseArgs, RedisArgs, TelemetryArgs};
+use topk::config::{CachePolicyArgs, ClickHouseArgs, RedisArgs, TelemetryArgs};
 use topk::query::TopQuery;
+use topk::telemetry::Chain;
 
 pub use auth::{MIN_SECRET_BYTES, configured_secret};
 pub use error::AppError;
@@ -66,12 +67,10 @@ pub struct ApiSettings {
     /// refresher goes unnoticed, at one ClickHouse query per read user per max age.
     #[arg(long, env = "TOPK_API_MAX_AGE", default_value = "1h", value_parser = topk::config::duration)]
     pub max_age: Duration,
-    /// TTL of an answer the API writes back (as `topk refresh --key-ttl`).
-    #[arg(long, env = "TOPK_API_KEY_TTL", default_value = "8d", value_parser = topk::config::duration)]
-    pub key_ttl: Duration,
-    /// TTL of the tombstone of an empty answer written back (as `topk refresh --tombstone-ttl`).
-    #[arg(long, env = "TOPK_API_TOMBSTONE_TTL", default_value = "15m", value_parser = topk::config::duration)]
-    pub tombstone_ttl: Duration,
+    /// How long an answer written back is kept (`--key-ttl`, `--tombstone-ttl`: the refresher's
+    /// policy, the same flags and variables).
+    #[command(flatten)]
+    pub cache: CachePolicyArgs,
     /// `Retry-After` (seconds) of a `503`.
     #[arg(long, env = "TOPK_API_RETRY_AFTER", default_value_t = 5)]
     pub retry_after_secs: u32,
@@ -119,24 +118,10 @@ pub struct ApiSettings {
     pub max_uri_bytes: u32,
 }
 
+/// The flags' defaults.
 impl Default for ApiSettings {
     fn default() -> Self {
-        ApiSettings {
-            request_timeout: Duration::from_secs(2),
-            redis_timeout: Duration::from_millis(250),
-            olap_timeout: Duration::from_secs(1),
-            max_age: Duration::from_secs(3600),
-            key_ttl: Duration::from_secs(8 * 24 * 3600),
-            tombstone_ttl: Duration::from_secs(15 * 60),
-            retry_after_secs: 5,
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 1024,
-            max_connections_per_client: 64,
-            max_in_flight: 256,
-            max_olap_in_flight: 32,
-            max_header_bytes: 16 * 1024,
-            max_uri_bytes: 2048,
-        }
+        topk::config::defaults()
     }
 }
 
@@ -175,7 +160,7 @@ pub enum ServeError {
     /// The `--metrics-addr` listener.
     #[error(transparent)]
     Metrics(#[from] observe::MetricsError),
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -333,7 +318,7 @@ pub async fn serve(
                 Err(error) => {
                     // Per-connection errors (aborted handshakes) and resource exhaustion
                     // (EMFILE) alike: the server stays up and tries again shortly.
-                    tracing::warn!(%error, "accepting a connection failed");
+                    tracing::warn!(error = %Chain(&error), "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -351,7 +336,7 @@ pub async fn serve(
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 // Header timeouts, oversized heads, clients that went away: the client's doing.
-                tracing::debug!(%error, "connection ended with an error");
+                tracing::debug!(error = %Chain(&error), "connection ended with an error");
             }
             drop(client);
             drop(slot);
@@ -402,4 +387,19 @@ pub async fn run(
         "API listening; widget at http://{addr}/widget/<user_id>"
     );
     serve(listener, state, shutdown, args.drain_timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_default_to_the_flags_defaults() {
+        let settings = ApiSettings::default();
+        assert_eq!(settings.redis_timeout, Duration::from_millis(250));
+        assert_eq!(settings.max_age, Duration::from_secs(3600));
+        assert_eq!(settings.cache.key_ttl, Duration::from_secs(8 * 24 * 3600));
+        assert_eq!(settings.cache.tombstone_ttl, Duration::from_secs(15 * 60));
+        assert_eq!(settings.max_header_bytes, 16 * 1024);
+    }
 }

@@ -28,6 +28,7 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use topk::telemetry::Chain;
 use tracing::Instrument;
 
 use crate::{AppError, AppState};
@@ -78,7 +79,7 @@ static INSTALLED: OnceLock<Exporter> = OnceLock::new();
 /// Errors installing the metrics listener.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot start the metrics listener on {addr}: {source}")]
+    #[error("cannot start the metrics listener on {addr}")]
     Listen {
         addr: SocketAddr,
         source: BuildError,
@@ -106,7 +107,7 @@ impl Metrics {
                     || match builder().and_then(PrometheusBuilder::install_recorder) {
                         Ok(handle) => Exporter::Here(handle),
                         Err(error) => {
-                            tracing::warn!(%error, "no Prometheus recorder");
+                            tracing::warn!(error = %Chain(&error), "no Prometheus recorder");
                             Exporter::Missing
                         }
                     },
@@ -248,17 +249,17 @@ pub fn stale() {
     tracing::warn!("ClickHouse failed: serving the cached answer as stale");
 }
 
-pub fn redis_failed(op: &'static str, error: &str) {
+pub fn redis_failed(op: &'static str, error: &dyn std::error::Error) {
     metrics::counter!("topk_api_dependency_errors_total", "dependency" => "redis", "op" => op)
         .increment(1);
-    tracing::warn!(op, %error, "Redis failed");
+    tracing::warn!(op, error = %Chain(error), "Redis failed");
 }
 
-pub fn olap_failed(error: &str) {
+pub fn olap_failed(error: &dyn std::error::Error) {
     metrics::counter!("topk_api_dependency_errors_total",
         "dependency" => "clickhouse", "op" => "top")
     .increment(1);
-    tracing::warn!(%error, "ClickHouse failed");
+    tracing::warn!(error = %Chain(error), "ClickHouse failed");
 }
 
 pub fn write_back(outcome: topk::cache::Outcome) {

@@ -19,7 +19,7 @@ use axum::http::header::{CACHE_CONTROL, VARY};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use topk::cache::{self, Answer, Target};
+use topk::cache::{self, Answer, CacheError, Target};
 use topk::window::{DEFAULT_LIMIT, MAX_LIMIT, Source, TopSongs, Window};
 
 use crate::observe::{self, AnswerSource};
@@ -148,14 +148,22 @@ async fn respond(state: &Inner, user_id: u64, limit: usize) -> Result<Response, 
     Ok(response)
 }
 
-async fn within<T, E: std::fmt::Display>(
+/// Why a dependency gave no answer: it failed, or it did not answer within its deadline.
+#[derive(Debug, thiserror::Error)]
+pub enum Unanswered<E> {
+    #[error(transparent)]
+    Failed(E),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+async fn within<T, E>(
     deadline: Duration,
     future: impl Future<Output = Result<T, E>>,
-) -> Result<T, String> {
+) -> Result<T, Unanswered<E>> {
     match tokio::time::timeout(deadline, future).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no answer within {deadline:?}")),
+        Ok(result) => result.map_err(Unanswered::Failed),
+        Err(_) => Err(Unanswered::TimedOut(deadline)),
     }
 }
 
@@ -264,17 +272,13 @@ async fn write_back(
     window: Window,
     computed_at_ms: i64,
 ) {
-    let target = Target {
-        prefix: state.prefix.clone(),
-        ttl: state.settings.key_ttl,
-        tombstone_ttl: state.settings.tombstone_ttl,
-    };
+    let target = Target::new(&state.prefix, &state.settings.cache);
     let answer = Answer { user_id, songs };
     let write = async {
-        let mut conn = state.redis.get().await.map_err(|e| e.to_string())?;
+        let mut conn = state.redis.get().await?;
         cache::replace(&mut conn, &target, &answer, window, computed_at_ms)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(CacheError::Redis)
     };
     match within(state.settings.redis_timeout, write).await {
         Ok(outcome) => observe::write_back(outcome),

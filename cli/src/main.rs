@@ -82,13 +82,26 @@ enum Command {
     Token(Box<topk_api::auth::TokenArgs>),
 }
 
-fn parse_limit(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if (1..=topk::window::MAX_LIMIT).contains(&n) => Ok(n),
-        _ => Err(format!(
+/// A `--limit` outside 1 to 50.
+#[derive(Debug)]
+struct LimitError;
+
+impl std::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
             "must be an integer from 1 to {}",
             topk::window::MAX_LIMIT
-        )),
+        )
+    }
+}
+
+impl std::error::Error for LimitError {}
+
+fn parse_limit(text: &str) -> Result<usize, LimitError> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=topk::window::MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(LimitError),
     }
 }
 
@@ -172,7 +185,10 @@ async fn main() -> anyhow::Result<()> {
                 match cache.read_top(&redis.prefix, user_id, limit).await {
                     Ok(answer) => answer,
                     Err(error) => {
-                        tracing::warn!(%error, "Redis unavailable; computing from ClickHouse");
+                        tracing::warn!(
+                            error = %topk::telemetry::Chain(&error),
+                            "Redis unavailable; computing from ClickHouse"
+                        );
                         None
                     }
                 }

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use topk::telemetry::Chain;
 
 pub use mock::{DevBroker, DevBrokerError};
 
@@ -80,11 +81,11 @@ pub async fn run(args: DevBrokerArgs, shutdown: CancellationToken) -> Result<(),
                     let upstream = upstream.clone();
                     tokio::spawn(async move {
                         if let Err(error) = forward(client, &upstream).await {
-                            tracing::debug!(%error, "proxied connection ended");
+                            tracing::debug!(error = %Chain(&error), "proxied connection ended");
                         }
                     });
                 }
-                Err(error) => tracing::warn!(%error, "accept failed"),
+                Err(error) => tracing::warn!(error = %Chain(&error), "accept failed"),
             },
         }
     }

@@ -14,7 +14,7 @@ use rdkafka_sys as rdsys;
 /// Errors of the development broker.
 #[derive(Debug, thiserror::Error)]
 pub enum DevBrokerError {
-    #[error("cannot create the mock cluster: {0}")]
+    #[error("cannot create the mock cluster")]
     Create(#[source] KafkaError),
     #[error("the client did not create a mock cluster")]
     NoCluster,
@@ -25,13 +25,13 @@ pub enum DevBrokerError {
     },
     #[error("topic name {0:?} contains a NUL byte")]
     TopicName(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write the address file {path}: {source}")]
+    #[error("cannot write the address file {path}")]
     AddrFile {
         path: PathBuf,
         #[source]

@@ -26,11 +26,11 @@ use topk::config::KafkaArgs;
 pub enum LoadgenError {
     #[error(transparent)]
     Kafka(#[from] topk::kafka::KafkaClientError),
-    #[error("invalid distribution: {0}")]
-    Distribution(String),
-    #[error("producing failed: {0}")]
+    #[error("invalid distribution")]
+    Distribution(#[source] rand_distr::ZipfError),
+    #[error("producing failed")]
     Produce(#[source] rdkafka::error::KafkaError),
-    #[error("cannot write the ground truth to {path}: {source}")]
+    #[error("cannot write the ground truth to {path}")]
     Truth {
         path: PathBuf,
         #[source]
@@ -145,7 +145,12 @@ async fn send_all(
             None => return Ok(()),
             Some(error) if attempt == SEND_ATTEMPTS => return Err(LoadgenError::Produce(error)),
             Some(error) => {
-                tracing::warn!(%error, failed = failed.len(), attempt, "delivery failed; re-sending");
+                tracing::warn!(
+                    error = %topk::telemetry::Chain(&error),
+                    failed = failed.len(),
+                    attempt,
+                    "delivery failed; re-sending"
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -157,9 +162,10 @@ async fn send_all(
 /// Produces until `duration` elapses or `shutdown` fires.
 pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent, LoadgenError> {
     let producer = topk::kafka::producer(&args.kafka.brokers)?;
-    let bad = |e: rand_distr::ZipfError| LoadgenError::Distribution(e.to_string());
-    let song_dist = Zipf::new(args.songs.max(1) as f64, args.zipf).map_err(bad)?;
-    let user_dist = Zipf::new(args.users.max(1) as f64, args.zipf).map_err(bad)?;
+    let song_dist =
+        Zipf::new(args.songs.max(1) as f64, args.zipf).map_err(LoadgenError::Distribution)?;
+    let user_dist =
+        Zipf::new(args.users.max(1) as f64, args.zipf).map_err(LoadgenError::Distribution)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     // Users and songs are shuffled so that id order says nothing about popularity.
     let scramble = |rank: u64, n: u64| (rank.wrapping_mul(0x9E37_79B9_7F4A_7C15) % n) + 1;
@@ -187,7 +193,8 @@ pub async fn run(args: LoadgenArgs, shutdown: CancellationToken) -> Result<Sent,
         n
     };
     let mut sessions: Vec<Session> = Vec::with_capacity(pool);
-    let favourite_dist = Zipf::new(FAVOURITES as f64, args.zipf).map_err(bad)?;
+    let favourite_dist =
+        Zipf::new(FAVOURITES as f64, args.zipf).map_err(LoadgenError::Distribution)?;
     tracing::info!(rate = args.rate, topic = %args.kafka.topic, "load generator started");
     loop {
         tokio::select! {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
+use topk::telemetry::Chain;
 
 use crate::layout::ObjectName;
 
@@ -28,14 +29,14 @@ pub fn upload_failed(name: &ObjectName, error: &dyn std::error::Error) {
         partition = name.partition,
         first = name.first,
         last = name.last,
-        %error,
+        error = %Chain(error),
         "upload failed; the object is kept and retried, its offsets stay uncommitted"
     );
     counter!("topk_archive_upload_failures_total").increment(1);
 }
 
 pub fn commit_failed(error: &dyn std::error::Error) {
-    tracing::warn!(%error, "offset commit failed; the objects are durable and a rewrite lands on the same names");
+    tracing::warn!(error = %Chain(error), "offset commit failed; the objects are durable and a rewrite lands on the same names");
     counter!("topk_archive_commit_failures_total").increment(1);
 }
 

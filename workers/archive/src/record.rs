@@ -39,15 +39,15 @@ pub struct Record {
 /// Why an object cannot be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("not a zstd stream: {0}")]
+    #[error("not a zstd stream")]
     Zstd(#[source] std::io::Error),
-    #[error("line {line}: {source}")]
+    #[error("line {line}")]
     Line {
         line: usize,
         #[source]
         source: serde_json::Error,
     },
-    #[error("line {line}: bad base64: {source}")]
+    #[error("line {line}: bad base64")]
     Base64 {
         line: usize,
         #[source]

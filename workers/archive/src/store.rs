@@ -71,18 +71,27 @@ impl StoreArgs {
             s3_secret_access_key_env: None,
         }
     }
+
+    /// The S3 secret access key: from the file, else from the environment, else none (the usual
+    /// AWS credential sources).
+    pub fn s3_secret_access_key(&self) -> Option<&str> {
+        topk::config::file_or_env(
+            &self.s3_secret_access_key_file,
+            &self.s3_secret_access_key_env,
+        )
+    }
 }
 
 /// Why the store cannot be opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the archive directory {dir}: {source}")]
+    #[error("cannot create the archive directory {dir}")]
     Directory {
         dir: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("object store: {0}")]
+    #[error("object store")]
     ObjectStore(#[from] object_store::Error),
 }
 
@@ -112,12 +121,8 @@ pub fn open(args: &StoreArgs) -> Result<Arc<dyn ObjectStore>, StoreError> {
         if let Some(key) = &args.s3_access_key_id {
             builder = builder.with_access_key_id(key);
         }
-        if let Some(secret) = args
-            .s3_secret_access_key_file
-            .as_ref()
-            .or(args.s3_secret_access_key_env.as_ref())
-        {
-            builder = builder.with_secret_access_key(secret.expose());
+        if let Some(secret) = args.s3_secret_access_key() {
+            builder = builder.with_secret_access_key(secret);
         }
         let s3: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
         let prefix = prefix.trim_matches('/');

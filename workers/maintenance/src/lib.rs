@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use topk::clock::SharedClock;
 use topk::config::{ClickHouseArgs, TelemetryArgs};
+use topk::telemetry::Chain;
 
 pub use prune::{PruneReport, prune};
 pub use rollup::{RollupReport, rollup};
@@ -23,7 +24,7 @@ pub use rollup::{RollupReport, rollup};
 /// Errors of maintenance tasks.
 #[derive(Debug, thiserror::Error)]
 pub enum MaintenanceError {
-    #[error("ClickHouse error: {0}")]
+    #[error("ClickHouse error")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
     Query(#[from] topk::query::QueryError),
@@ -53,11 +54,11 @@ pub async fn run(args: MaintenanceArgs, clock: SharedClock, shutdown: Cancellati
         }
         match rollup(&client, clock.as_ref(), false).await {
             Ok(report) => tracing::info!(days = report.days.len(), "rollup round done"),
-            Err(error) => tracing::warn!(%error, "rollup round failed"),
+            Err(error) => tracing::warn!(error = %Chain(&error), "rollup round failed"),
         }
         match prune(&client, clock.as_ref()).await {
             Ok(report) => tracing::info!(dropped = report.dropped.len(), "prune round done"),
-            Err(error) => tracing::warn!(%error, "prune round failed"),
+            Err(error) => tracing::warn!(error = %Chain(&error), "prune round failed"),
         }
     }
     tracing::info!("maintenance stopped");

@@ -7,7 +7,7 @@
 use clickhouse::Client;
 use serde::Serialize;
 use topk::clock::Clock;
-use topk::query::day_of;
+use topk::olap::tables::{day_of, day_partition};
 use topk::window::{DAY_SECS, Window};
 
 use crate::MaintenanceError;
@@ -22,14 +22,6 @@ const MONTH_PARTITIONED: [&str; 1] = ["plays_daily"];
 pub struct PruneReport {
     pub cutoff_yyyymmdd: u32,
     pub dropped: Vec<(String, u32)>,
-}
-
-fn yyyymmdd(secs: u32) -> u32 {
-    let date = time::OffsetDateTime::from_unix_timestamp(i64::from(secs)).map(|t| t.date());
-    date.map(|d| {
-        d.year() as u32 * 10_000 + u32::from(u8::from(d.month())) * 100 + u32::from(d.day())
-    })
-    .unwrap_or(0)
 }
 
 /// Drops the expired partitions of every day-partitioned table, `plays_daily` months that
@@ -53,7 +45,7 @@ pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, Ma
         );
     }
     let window = Window::at(now_ms);
-    let cutoff = yyyymmdd(day_of(window.start).saturating_sub(DAY_SECS));
+    let cutoff = day_partition(day_of(window.start).saturating_sub(DAY_SECS));
     let mut report = PruneReport {
         cutoff_yyyymmdd: cutoff,
         dropped: Vec::new(),
@@ -115,7 +107,7 @@ mod tests {
 
     #[test]
     fn partition_names_match_clickhouse() {
-        assert_eq!(yyyymmdd(1_795_975_230), 20_261_129);
-        assert_eq!(yyyymmdd(0), 19_700_101);
+        assert_eq!(day_partition(1_795_975_230), 20_261_129);
+        assert_eq!(day_partition(0), 19_700_101);
     }
 }

@@ -11,7 +11,8 @@
 use clickhouse::Client;
 use serde::Serialize;
 use topk::clock::Clock;
-use topk::query::{TopQuery, date_literal};
+use topk::olap::tables::date_literal;
+use topk::query::TopQuery;
 use topk::window::{DAY_SECS, Window};
 
 use crate::MaintenanceError;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use topk::telemetry::Chain;
+
 use crate::RefreshError;
 use crate::refresh::CycleReport;
 use crate::warmup::WarmupReport;
@@ -31,13 +33,13 @@ pub fn cycle_done(report: &CycleReport, elapsed: Duration) {
 /// A cycle could not find the changed users (nothing written; the cursors did not move).
 pub fn cycle_failed(error: &RefreshError) {
     metrics::counter!("topk_refresh_cycle_failures_total").increment(1);
-    tracing::warn!(%error, "refresh cycle failed; retrying next cycle");
+    tracing::warn!(error = %Chain(error), "refresh cycle failed; retrying next cycle");
 }
 
 /// A chunk of users could not be refreshed; they are retried.
 pub fn chunk_failed(users: usize, error: &RefreshError) {
     metrics::counter!("topk_refresh_chunk_failures_total").increment(1);
-    tracing::warn!(users, %error, "refresh of a chunk failed; its users are retried");
+    tracing::warn!(users, error = %Chain(error), "refresh of a chunk failed; its users are retried");
 }
 
 /// A warm-up ended (completely or interrupted).

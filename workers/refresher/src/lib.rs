@@ -27,7 +27,7 @@ use clap::builder::TypedValueParser as _;
 use tokio_util::sync::CancellationToken;
 use topk::cache::{CacheError, Redis};
 use topk::clock::SharedClock;
-use topk::config::{ClickHouseArgs, RedisArgs, TelemetryArgs};
+use topk::config::{CachePolicyArgs, ClickHouseArgs, RedisArgs, TelemetryArgs};
 
 pub use refresh::{CycleReport, Refresh, Refreshed, Refresher};
 pub use warmup::{Warmup, WarmupPage, WarmupReport, warmup};
@@ -35,11 +35,11 @@ pub use warmup::{Warmup, WarmupPage, WarmupReport, warmup};
 /// Errors of the refresher and the warm-up.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
-    #[error("ClickHouse error: {0}")]
+    #[error("ClickHouse error")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
     Query(#[from] topk::query::QueryError),
-    #[error("Redis error: {0}")]
+    #[error("Redis error")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Cache(#[from] CacheError),
@@ -56,15 +56,10 @@ pub struct RefreshSettings {
     #[arg(long, env = "TOPK_REFRESH_CONCURRENCY", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=64).map(|n| n as usize))]
     pub concurrency: usize,
-    /// TTL of a user's keys, renewed by every write. Longer than the window, so that only users
-    /// no refresher looks after any more (abandoned prefixes, stopped refreshers) vanish by TTL.
-    #[arg(long, env = "TOPK_REFRESH_KEY_TTL", default_value = "8d", value_parser = topk::config::duration)]
-    pub key_ttl: Duration,
-    /// How long the tombstone of an emptied answer keeps its version, so that an older answer
-    /// still in flight cannot bring the user back. Longer than any computation takes (a cycle, a
-    /// warm-up page: from its `now` to its last write).
-    #[arg(long, env = "TOPK_REFRESH_TOMBSTONE_TTL", default_value = "15m", value_parser = topk::config::duration)]
-    pub tombstone_ttl: Duration,
+    /// How long the answers written are kept (`--key-ttl`, `--tombstone-ttl`: the API's
+    /// write-back has the same policy, flags and variables).
+    #[command(flatten)]
+    pub cache: CachePolicyArgs,
     /// Overlap of consecutive reads of the users touched by flushes: longer than an insert into
     /// ClickHouse can take to become visible (the aggregator already assumes its inserts finish
     /// within its 10 s session timeout). A touched user is recomputed up to

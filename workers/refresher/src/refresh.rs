@@ -56,11 +56,7 @@ impl Refresh {
         Refresh {
             query: TopQuery::new(client),
             redis,
-            target: Target {
-                prefix: prefix.to_owned(),
-                ttl: settings.key_ttl,
-                tombstone_ttl: settings.tombstone_ttl,
-            },
+            target: Target::new(prefix, &settings.cache),
             batch_size: settings.batch_size.max(1),
             concurrency: settings.concurrency.max(1),
         }
