@@ -4,21 +4,23 @@
 //! only once what it did with the message is durable (the at-least-once loop of rust-rdkafka's
 //! `examples/at_least_once.rs`, made exactly-once by the aggregator's flush protocol).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
 
 /// Errors from the Kafka helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaClientError {
-    #[error("cannot create the Kafka client: {0}")]
+    #[error("cannot create the Kafka client")]
     Create(#[source] KafkaError),
-    #[error("cannot create topic {topic}: {source}")]
+    #[error("cannot create topic {topic}")]
     CreateTopic {
         topic: String,
         #[source]
@@ -167,4 +169,32 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// The offsets `group` has committed on every partition of `topic` (0 where it never committed:
+/// a member starts there). Reading them does not join the group. Blocking: call it from
+/// `spawn_blocking` in async code.
+pub fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<BTreeMap<i32, u64>, KafkaError> {
+    let consumer: BaseConsumer = consumer_config(brokers, group).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut list = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            list.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(n) => (e.partition(), u64::try_from(n).unwrap_or(0)),
+            _ => (e.partition(), 0),
+        })
+        .collect())
 }

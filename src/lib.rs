@@ -5,7 +5,10 @@
 //! - [`config`]: the clap argument groups for Kafka, ClickHouse, Redis and telemetry that every
 //!   role flattens into its own config, with `TOPK_…` environment variables.
 //! - [`event`]: the play-event contract (JSON on Kafka) and its validation.
+//! - [`counting`]: the counting core (batches, dedup, a partition's state, the rules), pure
+//!   logic shared by the aggregator and the backfill.
 //! - [`kafka`]: producer, consumer and admin clients configured the way topk needs them.
+//! - [`group`]: the consumer-group member kit the aggregator and the archiver run on.
 //! - [`olap`]: the ClickHouse client (the source of truth for play counts).
 //! - [`migrate`]: numbered, idempotent SQL migrations from `schema/`.
 //! - [`cache`]: the Redis (or Redis Cluster) connection pools, key layout and reading an answer.
@@ -21,7 +24,9 @@
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod counting;
 pub mod event;
+pub mod group;
 pub mod kafka;
 pub mod migrate;
 pub mod olap;

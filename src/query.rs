@@ -19,12 +19,13 @@ use std::sync::{Arc, Mutex};
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 
+use crate::olap::tables::date_literal;
 use crate::window::{DAY_SECS, RankedSong, Window, rank};
 
 /// Errors of the query module.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error("ClickHouse query failed: {0}")]
+    #[error("ClickHouse query failed")]
     ClickHouse(#[from] clickhouse::error::Error),
 }
 
@@ -33,20 +34,6 @@ struct UserSongPlays {
     user_id: u64,
     song_id: u64,
     plays: u64,
-}
-
-/// `'YYYY-MM-DD'` of a day start (seconds since the epoch).
-pub fn date_literal(day: u32) -> String {
-    let date = time::OffsetDateTime::from_unix_timestamp(i64::from(day)).map(|t| t.date());
-    match date {
-        Ok(d) => format!(
-            "'{:04}-{:02}-{:02}'",
-            d.year(),
-            u8::from(d.month()),
-            d.day()
-        ),
-        Err(_) => "'1970-01-01'".to_owned(),
-    }
 }
 
 fn date_list(days: &[u32]) -> String {
@@ -262,16 +249,6 @@ impl TopQuery {
             .filter(|c| full.contains(&c.day))
             .collect()
     }
-
-    /// Every user with at least one play in `window`, ascending (for warm-up).
-    pub async fn users_in_window(&self, window: Window) -> Result<Vec<u64>, QueryError> {
-        let (start, end) = (window.start, window.end);
-        let sql = format!(
-            "SELECT DISTINCT user_id FROM plays_minute \
-             WHERE minute >= toDateTime({start}) AND minute < toDateTime({end}) ORDER BY user_id"
-        );
-        Ok(self.client.query(&sql).fetch_all::<u64>().await?)
-    }
 }
 
 /// The parts of `window` not covered by `clean_days` (ascending, inside the window), as
@@ -291,20 +268,13 @@ fn minute_ranges(window: Window, clean_days: &[u32]) -> Vec<(u32, u32)> {
     ranges
 }
 
-/// Start of the UTC day containing `secs`.
-pub fn day_of(secs: u32) -> u32 {
-    secs - secs % DAY_SECS
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn literals_are_built_from_numbers_only() {
-        assert_eq!(date_literal(1_795_910_400), "'2026-11-29'");
         assert_eq!(id_list(&[1, 22, 333]), "1, 22, 333");
-        assert_eq!(day_of(1_795_975_230), 1_795_910_400);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The rolling window and the answer: the contracts of DESIGN.md ("The window", "The answer").
+//! The rolling window and the answer: the contracts of docs/contracts.md ("The window",
+//! "The answer").
 //!
 //! The window is the 10,080 one-minute UTC buckets ending with the current minute:
 //! `[current minute − 10,079 min, current minute + 1 min)`. Days are UTC days.
@@ -142,7 +143,7 @@ pub struct WindowJson {
     pub end: String,
 }
 
-/// The API's answer (DESIGN.md, "REST API").
+/// The API's answer (docs/contracts.md, "REST API").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TopSongs {
     pub user_id: u64,
@@ -187,7 +188,7 @@ mod tests {
 
     #[test]
     fn the_window_is_10080_minutes_ending_with_the_current_one() {
-        // 2026-11-29T18:00:30Z, as in DESIGN.md's example.
+        // 2026-11-29T18:00:30Z, as in the example of docs/contracts.md.
         let now = 1_795_975_230_000;
         let window = Window::at(now);
         assert_eq!(window.end - window.start, 10_080 * 60);

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::hash::Hasher;
 
-use topk::event::Rejection;
+use crate::event::Rejection;
 
 /// Bytes one counted (user, song, minute) cell costs, counted against `--max-state-bytes`.
 pub const BYTES_PER_CELL: u64 = 64;

@@ -3,10 +3,11 @@
 
 use std::collections::VecDeque;
 
-use topk::event::Validator;
+use crate::event::Validator;
+use crate::group::cuts::{Cuts, Recorded};
 
-use crate::batch::{Batch, DeadLetter, Rules};
-use crate::dedup::{DedupMemory, Sighting};
+use crate::counting::batch::{Batch, DeadLetter, Rules};
+use crate::counting::dedup::{DedupMemory, Sighting};
 
 /// A flush intent read back from `flush_log`: a batch some worker started to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,12 @@ pub struct Intent {
     /// The rules the batch was decided with; `None` for an intent recorded before they were
     /// (replayed with the configured rules: the best that can be done for it).
     pub rules: Option<Rules>,
+}
+
+impl Recorded for Intent {
+    fn first(&self) -> u64 {
+        self.start_offset
+    }
 }
 
 /// One message as the partition state sees it.
@@ -37,7 +44,7 @@ pub struct Message<'a> {
 pub enum Outcome {
     Counted,
     Duplicate,
-    DeadLetter(topk::event::Rejection),
+    DeadLetter(crate::event::Rejection),
 }
 
 /// An assigned partition.
@@ -59,7 +66,7 @@ pub struct PartitionState {
     open: Option<Batch>,
     sealed: VecDeque<Batch>,
     /// Intents recorded by an earlier owner that start at or after the resume offset.
-    replay: VecDeque<Intent>,
+    replay: Cuts<Intent>,
     /// Cells of the last sealed batch: the next one starts with that capacity instead of
     /// rehashing its way up (growth showed in the ingest profile).
     last_cells: usize,
@@ -88,7 +95,7 @@ impl PartitionState {
             dedup: DedupMemory::new(dedup_window_ms),
             open: None,
             sealed: VecDeque::new(),
-            replay: replay.into(),
+            replay: Cuts::new(replay),
             last_cells: 0,
         };
         // The dedup memory at the resume offset is rebuilt as the batch that ended there left
@@ -179,7 +186,7 @@ impl PartitionState {
                 }
             },
             Some(Err(reason)) => Outcome::DeadLetter(reason),
-            None => Outcome::DeadLetter(topk::event::Rejection::InvalidJson),
+            None => Outcome::DeadLetter(crate::event::Rejection::InvalidJson),
         };
         let batch = self.open.as_mut().expect("opened above");
         if let Outcome::DeadLetter(reason) = outcome {
@@ -206,25 +213,16 @@ impl PartitionState {
         offset: u64,
         first_ts: i64,
     ) -> Option<(u64, Option<Rules>)> {
-        while let Some(intent) = self.replay.front() {
-            if intent.start_offset < offset {
-                self.replay.pop_front();
-                continue;
-            }
-            if intent.start_offset == offset && intent.first_ts == first_ts {
-                let intent = self.replay.pop_front().expect("front exists");
-                return Some((intent.end_offset, intent.rules));
-            }
-            if intent.start_offset == offset {
-                tracing::warn!(
-                    partition = self.partition,
-                    offset,
-                    "recorded intent belongs to another incarnation of the topic; ignoring intents"
-                );
-                self.replay.clear();
-            }
-            return None;
+        let intent = self.replay.take_starting_at(offset)?;
+        if intent.first_ts == first_ts {
+            return Some((intent.end_offset, intent.rules));
         }
+        tracing::warn!(
+            partition = self.partition,
+            offset,
+            "recorded intent belongs to another incarnation of the topic; ignoring intents"
+        );
+        self.replay.clear();
         None
     }
 
@@ -275,11 +273,6 @@ impl PartitionState {
         self.open.as_ref().is_some_and(|b| b.forced_end.is_some())
     }
 
-    /// Estimated heap bytes: batches plus dedup memory.
-    pub fn bytes(&self) -> u64 {
-        self.flushable_bytes() + self.dedup_bytes()
-    }
-
     /// Bytes of the dedup memory (not freed by a flush).
     pub fn dedup_bytes(&self) -> u64 {
         self.dedup.bytes()
@@ -302,7 +295,7 @@ fn at_or(timestamp: Option<i64>, effective: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use topk::event::{PlayEvent, Rejection};
+    use crate::event::{PlayEvent, Rejection};
 
     fn play(id: &str, user: u64, song: u64, ts: i64) -> Vec<u8> {
         PlayEvent {
@@ -484,7 +477,7 @@ mod tests {
                 offset += 1;
             }
         }
-        assert_eq!(p.dedup_bytes(), 12 * crate::dedup::BYTES_PER_ID);
+        assert_eq!(p.dedup_bytes(), 12 * crate::counting::dedup::BYTES_PER_ID);
         // The clock lags the newest message by one: it is its predecessor's timestamp.
         assert_eq!(clock(&mut p), T0 + 1_998 * 1_000);
     }
@@ -508,7 +501,7 @@ mod tests {
                 Outcome::Counted
             );
         }
-        assert_eq!(p.dedup_bytes(), 12 * crate::dedup::BYTES_PER_ID);
+        assert_eq!(p.dedup_bytes(), 12 * crate::counting::dedup::BYTES_PER_ID);
         assert_eq!(clock(&mut p), T0 + 98 * 1_000);
     }
 

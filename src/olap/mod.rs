@@ -4,6 +4,8 @@
 //! queries (`describe_include_subcolumns`, `RowBinaryWithNamesAndTypes`) do not exist on
 //! ClickHouse 18.16, one of the two servers topk must run on.
 
+pub mod tables;
+
 use clickhouse::Client;
 
 use crate::config::ClickHouseArgs;

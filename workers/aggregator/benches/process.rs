@@ -3,8 +3,8 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
+use topk::counting::partition::{Message, PartitionState};
 use topk::event::Validator;
-use topk_aggregator::partition::{Message, PartitionState};
 
 const T0: i64 = 1_764_432_000_000;
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use topk::event::Rejection;
+use topk::telemetry::Chain;
 
 pub fn consumed(n: u64) {
     counter!("topk_aggregator_consumed_total").increment(n);
@@ -48,12 +49,12 @@ pub fn flushed(batches: usize, rows: u64, dead_letters: usize, took: Duration) {
 }
 
 pub fn flush_failed(error: &dyn std::error::Error) {
-    tracing::warn!(%error, "flush failed; batches kept for the next attempt");
+    tracing::warn!(error = %Chain(error), "flush failed; batches kept for the next attempt");
     counter!("topk_aggregator_flush_failures_total").increment(1);
 }
 
 pub fn commit_failed(error: &dyn std::error::Error) {
-    tracing::warn!(%error, "offset commit failed; the batches are durable and will be replayed idempotently if needed");
+    tracing::warn!(error = %Chain(error), "offset commit failed; the batches are durable and will be replayed idempotently if needed");
     counter!("topk_aggregator_commit_failures_total").increment(1);
 }
 

@@ -5,64 +5,37 @@
 //!
 //! # Layout
 //!
-//! - [`batch`]: a processed offset range and its deterministic identity;
-//! - [`dedup`]: duplicate detection over the partition's effective time;
-//! - [`partition`]: one assigned partition (open batch, sealed batches, replay of intents);
+//! The counting itself (batches, dedup, a partition's state) is the library's
+//! [`topk::counting`], shared with `topk backfill`.
+//!
+//! The consumer loop itself is the library's consumer-group kit ([`topk::group`]); this crate
+//! keeps the aggregator's own state machine and sink:
+//!
+//! - [`worker`]: the aggregator's role in the group (timers, background flush, memory cap) and
+//!   [`run`];
+//! - `held`: the partitions held, their ownership generations and their bytes;
+//! - `flush`: the flush protocol, step by step, with its fencing;
+//! - `dead_letters`: step 4, the dead-letter topic;
+//! - `resume`: replaying intents and rebuilding the dedup memory of a resumed partition;
+//! - `rebalance`: the consumer's callbacks (revoke, lost assignment, statistics);
 //! - [`store`]: the ClickHouse tables the aggregator writes (`flush_log`, `plays_minute`);
-//! - [`worker`]: the consumer loop, flushes, commits and rebalances;
 //! - [`events`]: the log line and metric of everything that happens.
 
-pub mod batch;
-pub mod dedup;
+mod dead_letters;
 pub mod events;
-pub mod partition;
+mod flush;
+mod held;
+mod rebalance;
+mod resume;
 pub mod store;
 pub mod worker;
 
 use std::time::Duration;
 
-use topk::config::{ClickHouseArgs, KafkaArgs, TelemetryArgs};
+use topk::config::{ClickHouseArgs, KafkaArgs, MemberArgs, TelemetryArgs};
+use topk::counting::CountingRules;
 
 pub use worker::{AggregatorError, run};
-
-/// What decides whether a message counts: shared by `topk aggregate` and `topk backfill`, which
-/// must decide every message identically.
-#[derive(Debug, Clone, Copy, clap::Args)]
-pub struct CountingRules {
-    /// A repeated event_id within this much (Kafka) time is counted once.
-    #[arg(long, env = "TOPK_DEDUP_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub dedup_window: Duration,
-    /// Events older than this when produced are rejected as `too_old`.
-    #[arg(long, env = "TOPK_RETENTION", default_value = "8days", value_parser = humantime::parse_duration)]
-    pub retention: Duration,
-}
-
-impl CountingRules {
-    pub fn validator(&self) -> topk::event::Validator {
-        topk::event::Validator {
-            retention_ms: duration_ms(self.retention),
-        }
-    }
-
-    pub fn dedup_window_ms(&self) -> i64 {
-        duration_ms(self.dedup_window)
-    }
-
-    /// A fresh partition state deciding exactly as an aggregator does from the log's start.
-    pub fn partition_state(&self, partition: i32) -> partition::PartitionState {
-        partition::PartitionState::new(
-            partition,
-            self.validator(),
-            self.dedup_window_ms(),
-            None,
-            Vec::new(),
-        )
-    }
-}
-
-fn duration_ms(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
 
 /// `topk aggregate`.
 #[derive(Debug, Clone, clap::Args)]
@@ -76,9 +49,8 @@ pub struct AggregatorArgs {
     /// Consumer group shared by all aggregators.
     #[arg(long, env = "TOPK_AGGREGATOR_GROUP", default_value = "topk-aggregator")]
     pub group: String,
-    /// Kafka consumer-group session timeout: how long a dead worker keeps its partitions.
-    #[arg(long, env = "TOPK_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub kafka_session_timeout: Duration,
+    #[command(flatten)]
+    pub member: MemberArgs,
     /// Deadline of every ClickHouse request of the aggregator. A revoke waits at most twice this
     /// for a flush in flight before it fences the partitions; an intent insert carries a
     /// server-side deadline of this (at most half the session timeout), after which the server
@@ -94,12 +66,4 @@ pub struct AggregatorArgs {
     pub max_state_bytes: u64,
     #[command(flatten)]
     pub rules: CountingRules,
-    /// How long SIGTERM may spend on the final flush before giving up (nothing is lost: the
-    /// uncommitted range is replayed by the next owner).
-    #[arg(long, env = "TOPK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_timeout: Duration,
-    /// Test hook: sleep this long between writing a flush and committing its offsets, to widen
-    /// the window a crash test aims `kill -9` at.
-    #[arg(long, env = "TOPK_TEST_PAUSE_BEFORE_COMMIT", value_parser = humantime::parse_duration, hide = true)]
-    pub test_pause_before_commit: Option<Duration>,
 }

@@ -1,31 +1,17 @@
-//! What the aggregator reads from and writes to ClickHouse: flush intents (`flush_log`) and
-//! play counts (`plays_minute`). One `Row` struct per table.
+//! What the aggregator reads from and writes to ClickHouse: flush intents (`flush_log`, its
+//! row here) and play counts (`plays_minute`, `user_touches`, `day_touches`: rows and writes
+//! shared with the backfill in `topk::olap::tables`).
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{Batch, Rules};
-use crate::partition::Intent;
-
-/// A row of `plays_minute`.
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct PlayRow {
-    pub user_id: u64,
-    pub song_id: u64,
-    /// Start of the minute, seconds since the epoch (ClickHouse `DateTime`).
-    pub minute: u32,
-    pub plays: u64,
-    pub batch_id: u64,
-}
-
-/// A row of `user_touches` (`touched_at` is the server's `now()` at insert).
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct UserTouchRow {
-    pub user_id: u64,
-}
+use topk::counting::batch::{Batch, Rules};
+use topk::counting::partition::Intent;
+use topk::olap::tables::{self, PlayRow};
 
 /// A row of `flush_log`.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
@@ -86,6 +72,25 @@ impl IntentRow {
             }),
         }
     }
+}
+
+/// The `plays_minute` rows of `batches`, each under its batch's id. (A named function rather
+/// than a closure, so that the flush future that holds the iterator stays `Send`.)
+fn play_rows<'a>(
+    batches: &'a [&'a Batch],
+    topic: &'a str,
+) -> impl Iterator<Item = PlayRow> + Send + 'a {
+    batches
+        .iter()
+        .flat_map(move |batch| batch_rows(batch, topic))
+}
+
+fn batch_rows<'a>(batch: &'a Batch, topic: &str) -> impl Iterator<Item = PlayRow> + Send + 'a {
+    let batch_id = batch.batch_id(topic);
+    batch
+        .counts
+        .iter()
+        .map(move |(&cell, &plays)| PlayRow::new(cell, plays, batch_id))
 }
 
 fn partition_u32(partition: i32) -> u32 {
@@ -248,55 +253,27 @@ impl Store {
         &self,
         batches: &[&Batch],
     ) -> Result<u64, clickhouse::error::Error> {
-        let mut rows = 0u64;
-        let mut insert = self.client.insert::<PlayRow>("plays_minute").await?;
-        for batch in batches {
-            let batch_id = batch.batch_id(&self.topic);
-            for (&(user_id, song_id, minute), &plays) in &batch.counts {
-                insert
-                    .write(&PlayRow {
-                        user_id,
-                        song_id,
-                        minute,
-                        plays,
-                        batch_id,
-                    })
-                    .await?;
-                rows += 1;
-            }
-        }
-        insert.end().await?;
-        Ok(rows)
+        tables::write_plays(
+            &self.client,
+            "plays_minute",
+            play_rows(batches, &self.topic),
+        )
+        .await
     }
 
     /// Records that the flush wrote counts for these UTC days (step 3 of a flush, after the
     /// counts), so that rollups of those days are known to be out of date.
     pub async fn write_touches(&self, batches: &[&Batch]) -> Result<(), clickhouse::error::Error> {
-        let days: std::collections::BTreeSet<u32> = batches
+        let days: BTreeSet<u32> = batches
             .iter()
             .flat_map(|batch| {
                 batch
                     .counts
                     .keys()
-                    .map(|&(_, _, minute)| topk::query::day_of(minute))
+                    .map(|&(_, _, minute)| tables::day_of(minute))
             })
             .collect();
-        if days.is_empty() {
-            return Ok(());
-        }
-        let values: Vec<String> = days
-            .iter()
-            .map(|&day| format!("({})", topk::query::date_literal(day)))
-            .collect();
-        self.timed(
-            self.client
-                .query(&format!(
-                    "INSERT INTO day_touches (day) VALUES {}",
-                    values.join(", ")
-                ))
-                .execute(),
-        )
-        .await
+        self.timed(tables::touch_days(&self.client, &days)).await
     }
 
     /// Records the users the flush wrote counts for (step 3, after the counts, before the
@@ -306,21 +283,10 @@ impl Store {
         &self,
         batches: &[&Batch],
     ) -> Result<(), clickhouse::error::Error> {
-        let users: std::collections::BTreeSet<u64> = batches
+        let users: BTreeSet<u64> = batches
             .iter()
             .flat_map(|batch| batch.counts.keys().map(|&(user_id, _, _)| user_id))
             .collect();
-        if users.is_empty() {
-            return Ok(());
-        }
-        // A typed insert: one RowBinary stream however many users, `touched_at` from DEFAULT.
-        self.timed(async {
-            let mut insert = self.client.insert::<UserTouchRow>("user_touches").await?;
-            for user_id in users {
-                insert.write(&UserTouchRow { user_id }).await?;
-            }
-            insert.end().await
-        })
-        .await
+        self.timed(tables::touch_users(&self.client, &users)).await
     }
 }

@@ -7,18 +7,19 @@
 //! "The raw event archive").
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt as _;
 use futures::future::join_all;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::KafkaError;
-use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Message as _};
+use tokio::time::Interval;
 use tokio_util::sync::CancellationToken;
+
+use topk::group::cuts::{Cuts, Recorded};
+use topk::group::{self, Flow, Member, MemberError, Retry, Role};
 
 use crate::ArchiveArgs;
 use crate::events;
@@ -30,20 +31,16 @@ use crate::store::{self, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error(transparent)]
-    Kafka(#[from] topk::kafka::KafkaClientError),
-    #[error("cannot subscribe to {topic}: {source}")]
-    Subscribe {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
+    Member(#[from] MemberError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(
-        "the final upload did not succeed within the shutdown timeout; the next owner re-reads the uncommitted offsets"
-    )]
-    FinalUpload,
 }
+
+/// Some upload of a round failed (each failure is logged where it happens); its batch stays
+/// first in line and is retried.
+#[derive(Debug, thiserror::Error)]
+#[error("an upload failed; its batch is kept and retried")]
+pub struct UploadFailed;
 
 /// The batch being filled for one partition.
 #[derive(Debug)]
@@ -73,14 +70,17 @@ struct PartitionArchive {
     open: Option<OpenBatch>,
     sealed: VecDeque<SealedBatch>,
     /// Objects found in the store starting at or after the offset this worker resumed at.
-    existing: VecDeque<ObjectName>,
+    existing: Cuts<ObjectName>,
 }
 
 impl PartitionArchive {
     /// Adds a message; returns whether a batch was sealed.
     fn push(&mut self, partition: i32, record: &Record, args: &ArchiveArgs) -> bool {
         if self.open.is_none() {
-            let forced_last = self.existing_starting_at(record.offset);
+            let forced_last = self
+                .existing
+                .take_starting_at(record.offset)
+                .map(|n| n.last);
             self.open = Some(OpenBatch {
                 first: record.offset,
                 last: record.offset,
@@ -106,21 +106,6 @@ impl PartitionArchive {
             }
         };
         full && self.seal(partition)
-    }
-
-    /// The last offset of an existing object starting exactly at `offset`, if any.
-    fn existing_starting_at(&mut self, offset: u64) -> Option<u64> {
-        while let Some(front) = self.existing.front() {
-            if front.first < offset {
-                self.existing.pop_front();
-                continue;
-            }
-            if front.first == offset {
-                return self.existing.pop_front().map(|name| name.last);
-            }
-            return None;
-        }
-        None
     }
 
     /// Cuts the open batch, unless it must still grow to an existing object's end.
@@ -159,9 +144,7 @@ struct Archiver {
 
 impl Archiver {
     fn partitions(&self) -> MutexGuard<'_, HashMap<i32, PartitionArchive>> {
-        self.partitions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        group::lock(&self.partitions)
     }
 }
 
@@ -169,17 +152,12 @@ impl ClientContext for Archiver {}
 
 impl ConsumerContext for Archiver {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(list) = rebalance else {
+        let Some(revoked) = group::revoked(rebalance, &self.topic) else {
             return;
         };
         // No upload is in flight here (uploads never overlap `recv()`), so dropping is safe:
         // whatever was not committed is re-read by the next owner, which rewrites any object
         // already put under the same name.
-        let revoked: Vec<i32> = list
-            .elements_for_topic(&self.topic)
-            .iter()
-            .map(|e| e.partition())
-            .collect();
         let mut partitions = self.partitions();
         let dropped = revoked
             .iter()
@@ -190,7 +168,121 @@ impl ConsumerContext for Archiver {
     }
 }
 
-type ArchiveConsumer = StreamConsumer<Archiver>;
+impl Recorded for ObjectName {
+    fn first(&self) -> u64 {
+        self.first
+    }
+}
+
+/// The archiver's loop side: its timer, its store and whether an upload is due.
+struct Archiving {
+    args: ArchiveArgs,
+    store: Arc<dyn ObjectStore>,
+    /// Ticks often enough that a batch is cut close to its age limit.
+    tick: Interval,
+    retry: Retry,
+    upload_due: bool,
+}
+
+impl Archiving {
+    /// One upload round from the loop, with backpressure: while uploads fail, fetching pauses.
+    async fn upload_now(&mut self, member: &mut Member<Archiver>) {
+        match upload(member, self.store.as_ref(), &self.args).await {
+            Ok(()) => {
+                self.retry.succeeded();
+                if member.set_paused(false) {
+                    events::backpressure(false);
+                }
+            }
+            Err(UploadFailed) => {
+                self.retry.failed();
+                if member.set_paused(true) {
+                    events::backpressure(true);
+                }
+            }
+        }
+    }
+}
+
+impl Role for Archiving {
+    type Context = Archiver;
+    type Wake = ();
+    type Error = UploadFailed;
+    const NAME: &'static str = "archiver";
+    const DRAIN: &'static str = "upload";
+
+    async fn wake(&mut self) {
+        self.tick.tick().await;
+    }
+
+    async fn on_wake(&mut self, member: &mut Member<Archiver>, (): ()) {
+        let mut partitions = member.context().partitions();
+        for (&p, state) in partitions.iter_mut() {
+            if state
+                .open
+                .as_ref()
+                .is_some_and(|o| o.opened.elapsed() >= self.args.flush_interval)
+            {
+                state.seal(p);
+            }
+        }
+        self.upload_due = partitions.values().any(|s| !s.sealed.is_empty());
+    }
+
+    async fn on_message(
+        &mut self,
+        member: &mut Member<Archiver>,
+        message: &BorrowedMessage<'_>,
+        shutdown: &CancellationToken,
+    ) -> Flow {
+        let partition = message.partition();
+        let record = Record::new(
+            partition,
+            u64::try_from(message.offset()).unwrap_or(0),
+            message.timestamp().to_millis(),
+            message.key(),
+            message.payload(),
+        );
+        let known = member.context().partitions().contains_key(&partition);
+        if !known {
+            let (store, topic) = (self.store.as_ref(), self.args.kafka.topic.as_str());
+            let Some(state) = group::resume(partition, record.offset, shutdown, || {
+                resume_partition(store, topic, partition, record.offset)
+            })
+            .await
+            else {
+                return Flow::Stop;
+            };
+            member.context().partitions().insert(partition, state);
+        }
+        if let Some(state) = member.context().partitions().get_mut(&partition) {
+            self.upload_due |= state.push(partition, &record, &self.args);
+        }
+        Flow::Continue
+    }
+
+    async fn after_turn(&mut self, member: &mut Member<Archiver>) {
+        if std::mem::take(&mut self.upload_due) && !self.retry.waiting() {
+            self.upload_now(member).await;
+        }
+    }
+
+    /// Cuts what is open. A batch that must still grow to an existing object's end is left to
+    /// the next owner.
+    async fn settle(&mut self, member: &mut Member<Archiver>) {
+        for (&p, state) in member.context().partitions().iter_mut() {
+            state.seal(p);
+        }
+    }
+
+    async fn drain(&mut self, member: &mut Member<Archiver>) -> Result<(), UploadFailed> {
+        upload(member, self.store.as_ref(), &self.args).await
+    }
+
+    fn leave(&mut self, member: &mut Member<Archiver>) {
+        member.context().partitions().clear();
+    }
+}
 
 /// Runs an archiver until `shutdown` fires; uploads and commits what it holds before returning.
 pub async fn run(args: ArchiveArgs, shutdown: CancellationToken) -> Result<(), ArchiveError> {
@@ -199,132 +291,41 @@ pub async fn run(args: ArchiveArgs, shutdown: CancellationToken) -> Result<(), A
         partitions: Mutex::new(HashMap::new()),
         topic: args.kafka.topic.clone(),
     };
-    let config =
-        topk::kafka::member_config(&args.kafka.brokers, &args.group, args.kafka_session_timeout);
-    let consumer: ArchiveConsumer = topk::kafka::consumer_with_context(&config, context)?;
-    consumer
-        .subscribe(&[&args.kafka.topic])
-        .map_err(|source| ArchiveError::Subscribe {
-            topic: args.kafka.topic.clone(),
-            source,
-        })?;
-    tracing::info!(topic = %args.kafka.topic, group = %args.group, "archiver started");
-
-    // Ticks often enough that a batch is cut close to its age limit.
-    let mut tick = tokio::time::interval(
+    let member = Member::join(
+        &args.kafka.brokers,
+        &args.group,
+        &args.kafka.topic,
+        &args.member,
+        |_| {},
+        context,
+    )?;
+    let tick = tokio::time::interval(
         args.flush_interval
             .clamp(Duration::from_millis(50), Duration::from_secs(1)),
     );
-    let mut paused = false;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-
-    loop {
-        let mut upload_due = false;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                let mut partitions = consumer.context().partitions();
-                for (&p, state) in partitions.iter_mut() {
-                    if state.open.as_ref().is_some_and(|o| o.opened.elapsed() >= args.flush_interval) {
-                        state.seal(p);
-                    }
-                }
-                upload_due = partitions.values().any(|s| !s.sealed.is_empty());
-            }
-            received = consumer.recv() => {
-                // Drain what is already fetched in one go (up to a burst).
-                let mut next = Some(received);
-                let mut burst = 0;
-                let mut stopping = false;
-                while let Some(received) = next.take() {
-                    let message = match received {
-                        Ok(message) => message,
-                        Err(error) => {
-                            tracing::warn!(%error, "consumer error");
-                            break;
-                        }
-                    };
-                    let partition = message.partition();
-                    let record = Record::new(
-                        partition,
-                        u64::try_from(message.offset()).unwrap_or(0),
-                        message.timestamp().to_millis(),
-                        message.key(),
-                        message.payload(),
-                    );
-                    let known = consumer.context().partitions().contains_key(&partition);
-                    if !known {
-                        let Some(state) = resume_partition(store.as_ref(), &args.kafka.topic, partition, record.offset, &shutdown).await else {
-                            stopping = true;
-                            break;
-                        };
-                        consumer.context().partitions().insert(partition, state);
-                    }
-                    if let Some(state) = consumer.context().partitions().get_mut(&partition) {
-                        upload_due |= state.push(partition, &record, &args);
-                    }
-                    burst += 1;
-                    if burst < 1_024 && !paused {
-                        next = consumer.recv().now_or_never();
-                    }
-                }
-                if stopping {
-                    break;
-                }
-            }
-        }
-        let retry_wait = retry_at.is_some_and(|at| tokio::time::Instant::now() < at);
-        if upload_due && !retry_wait {
-            match upload(&consumer, store.as_ref(), &args).await {
-                Ok(()) => {
-                    retry_at = None;
-                    set_paused(&consumer, &mut paused, false);
-                }
-                Err(()) => {
-                    retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                    set_paused(&consumer, &mut paused, true);
-                }
-            }
-        }
-    }
-
-    // Shutdown: cut what is open, upload and commit it, retrying until the deadline. A batch
-    // that must still grow to an existing object's end is left to the next owner.
-    let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
-    for (&p, state) in consumer.context().partitions().iter_mut() {
-        state.seal(p);
-    }
-    let mut done = false;
-    while tokio::time::Instant::now() < deadline {
-        if upload(&consumer, store.as_ref(), &args).await.is_ok() {
-            done = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    consumer.context().partitions().clear();
-    consumer.unsubscribe();
-    drop(consumer);
-    if done {
-        tracing::info!("archiver stopped after its final upload");
-        Ok(())
-    } else {
-        Err(ArchiveError::FinalUpload)
-    }
+    let member_args = args.member.clone();
+    let mut role = Archiving {
+        args,
+        store,
+        tick,
+        retry: Retry::default(),
+        upload_due: false,
+    };
+    group::run(&mut role, member, &member_args, &shutdown).await?;
+    Ok(())
 }
 
 /// Uploads every sealed batch (partitions in parallel, each partition's in offset order) and
 /// commits after each round of successful puts. `Err` when some upload failed: its batch stays
 /// first in line, so a partition's offsets are never committed past an object not written.
 async fn upload(
-    consumer: &ArchiveConsumer,
+    member: &Member<Archiver>,
     store: &dyn ObjectStore,
     args: &ArchiveArgs,
-) -> Result<(), ()> {
+) -> Result<(), UploadFailed> {
     let topic = &args.kafka.topic;
     loop {
-        let round: Vec<SealedBatch> = consumer
+        let round: Vec<SealedBatch> = member
             .context()
             .partitions()
             .values()
@@ -341,10 +342,10 @@ async fn upload(
                 .map(|_| started.elapsed())
         });
         let results = join_all(puts).await;
-        let mut offsets = TopicPartitionList::new();
+        let mut next = Vec::new();
         let mut failed = false;
         {
-            let mut partitions = consumer.context().partitions();
+            let mut partitions = member.context().partitions();
             for (batch, result) in round.iter().zip(results) {
                 match result {
                     Ok(took) => {
@@ -360,12 +361,7 @@ async fn upload(
                         if state.sealed.front().is_some_and(|s| s.name == batch.name) {
                             state.sealed.pop_front();
                         }
-                        let next = Offset::Offset(batch.name.last as i64 + 1);
-                        if let Err(error) =
-                            offsets.add_partition_offset(topic, batch.name.partition, next)
-                        {
-                            events::commit_failed(&error);
-                        }
+                        next.push((batch.name.partition, batch.name.last + 1));
                     }
                     Err(error) => {
                         events::upload_failed(&batch.name, &error);
@@ -374,58 +370,30 @@ async fn upload(
                 }
             }
         }
-        if let Some(pause) = args.test_pause_before_commit {
+        if let Some(pause) = args.member.test_pause_before_commit {
             tokio::time::sleep(pause).await;
         }
-        if offsets.count() > 0 {
-            if let Err(error) = consumer.commit(&offsets, CommitMode::Sync) {
-                events::commit_failed(&error);
-            }
+        if let Err(error) = member.commit(next) {
+            events::commit_failed(&error);
         }
         if failed {
-            return Err(());
+            return Err(UploadFailed);
         }
     }
-}
-
-/// Pauses or resumes fetching on every assigned partition (backpressure while uploads fail).
-fn set_paused(consumer: &ArchiveConsumer, paused: &mut bool, pause: bool) {
-    if *paused == pause {
-        return;
-    }
-    if let Err(error) = topk::kafka::pause_assignment(consumer, pause) {
-        tracing::warn!(%error, pause, "cannot change the paused state of the assignment");
-    }
-    *paused = pause;
-    events::backpressure(pause);
 }
 
 /// State of a partition whose first message arrived at `offset` (the committed offset): the
 /// objects already in the store from there on, whose ranges the next batches must reproduce.
-/// Retries until the listing succeeds or the worker shuts down (`None`).
 async fn resume_partition(
     store: &dyn ObjectStore,
     topic: &str,
     partition: i32,
     offset: u64,
-    shutdown: &CancellationToken,
-) -> Option<PartitionArchive> {
-    loop {
-        match store::list_from(store, topic, partition, offset).await {
-            Ok(existing) => {
-                events::partition_resumed(partition, offset, existing.len());
-                return Some(PartitionArchive {
-                    existing: existing.into(),
-                    ..PartitionArchive::default()
-                });
-            }
-            Err(error) => {
-                tracing::warn!(partition, offset, %error, "cannot list the archive yet; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    }
+) -> Result<PartitionArchive, object_store::Error> {
+    let existing = store::list_from(store, topic, partition, offset).await?;
+    events::partition_resumed(partition, offset, existing.len());
+    Ok(PartitionArchive {
+        existing: Cuts::new(existing),
+        ..PartitionArchive::default()
+    })
 }

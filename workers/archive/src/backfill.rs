@@ -8,7 +8,7 @@
 //! day). Whatever the aggregator wrote for those days is gone, so nothing counts twice, and a
 //! second run replaces the days with identical rows. See ARCHITECTURE.md, "Backfill".
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +16,12 @@ use std::time::Duration;
 use futures::{StreamExt as _, TryStreamExt as _};
 use indicatif::{ProgressBar, ProgressStyle};
 use object_store::{ObjectStore, ObjectStoreExt as _};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use topk::counting::{Counts, Message, Outcome, PartitionState};
 use topk::event::MAX_FUTURE_MS;
-use topk_aggregator::partition::{Message, Outcome};
-use topk_aggregator::store::{PlayRow, UserTouchRow};
+use topk::olap::tables::{self, PlayRow};
 
 use crate::BackfillArgs;
 use crate::events;
@@ -35,7 +33,7 @@ use crate::store::{self, Listed, StoreError};
 /// rows identical.
 pub const BACKFILL_BATCH_ID: u64 = 0;
 
-const DAY_SECS: i64 = 86_400;
+const DAY_SECS: i64 = topk::window::DAY_SECS as i64;
 
 /// Why a backfill stopped (nothing was replaced unless the error says so).
 #[derive(Debug, thiserror::Error)]
@@ -47,15 +45,15 @@ pub enum BackfillError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("reading the archive: {0}")]
+    #[error("reading the archive")]
     Read(#[from] object_store::Error),
-    #[error("archive object {object}: {source}")]
+    #[error("archive object {object}")]
     Decode {
         object: String,
         #[source]
         source: DecodeError,
     },
-    #[error("reading the committed offsets of group {group}: {source}")]
+    #[error("reading the committed offsets of group {group}")]
     Committed {
         group: String,
         #[source]
@@ -65,7 +63,7 @@ pub enum BackfillError {
         "the archive of partition {partition} ends before offset {committed}, which the aggregators already counted: wait until the archiver has caught up"
     )]
     ArchiveBehind { partition: i32, committed: u64 },
-    #[error("ClickHouse (staging table {staging}): {source}")]
+    #[error("ClickHouse (staging table {staging})")]
     ClickHouse {
         staging: String,
         #[source]
@@ -96,17 +94,20 @@ pub struct BackfillReport {
     pub gaps: u64,
 }
 
+/// A `--since`/`--until` that is not a `YYYY-MM-DD` day.
+#[derive(Debug, thiserror::Error)]
+#[error("expected YYYY-MM-DD: {0}")]
+pub struct DayError(time::error::Parse);
+
 /// Parses a `YYYY-MM-DD` day.
-pub fn parse_day(text: &str) -> Result<time::Date, String> {
+pub fn parse_day(text: &str) -> Result<time::Date, DayError> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    time::Date::parse(text, &format).map_err(|e| format!("expected YYYY-MM-DD: {e}"))
+    time::Date::parse(text, &format).map_err(DayError)
 }
 
 fn day_secs(day: time::Date) -> i64 {
     day.midnight().assume_utc().unix_timestamp()
 }
-
-type Cells = HashMap<(u64, u64, u32), u64>;
 
 /// Rebuilds the days `[since, until)` of `plays_minute` from the archive.
 pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
@@ -171,7 +172,7 @@ pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
     let total_bytes: u64 = plan.iter().flat_map(|(_, _, o)| o).map(|l| l.size).sum();
     let bar = progress_bar(total_bytes);
 
-    let mut cells = Cells::new();
+    let mut cells = Counts::default();
     for (partition, cutoff, objects) in plan {
         let read = replay_partition(
             &store,
@@ -208,11 +209,7 @@ pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
     report.users_touched = replaced.users_touched;
     report.days = days
         .iter()
-        .map(|&d| {
-            topk::query::date_literal(d as u32)
-                .trim_matches('\'')
-                .to_owned()
-        })
+        .map(|&d| tables::date_literal(d as u32).trim_matches('\'').to_owned())
         .collect();
     Ok(report)
 }
@@ -242,9 +239,9 @@ async fn replay_partition(
     objects: Vec<Listed>,
     bar: &ProgressBar,
     report: &mut BackfillReport,
-) -> Result<Cells, BackfillError> {
+) -> Result<Counts, BackfillError> {
     let mut state = args.rules.partition_state(partition);
-    let mut cells = Cells::new();
+    let mut cells = Counts::default();
     let mut next: Option<u64> = None;
     let mut bodies = futures::stream::iter(objects)
         .map(|listed| {
@@ -300,7 +297,7 @@ async fn replay_partition(
 }
 
 /// Moves the counts processed so far out of the partition state (its dedup memory stays).
-fn drain(state: &mut topk_aggregator::partition::PartitionState, cells: &mut Cells) {
+fn drain(state: &mut PartitionState, cells: &mut Counts) {
     state.seal();
     for batch in state.take_sealed() {
         for (key, plays) in batch.counts {
@@ -317,27 +314,8 @@ async fn committed_offsets(
     topic: &str,
 ) -> Result<BTreeMap<i32, u64>, BackfillError> {
     let (brokers, group_owned, topic) = (brokers.to_owned(), group.to_owned(), topic.to_owned());
-    let read = tokio::task::spawn_blocking(move || -> Result<BTreeMap<i32, u64>, KafkaError> {
-        // Reading committed offsets does not join the group.
-        let consumer: BaseConsumer =
-            topk::kafka::consumer_config(&brokers, &group_owned).create()?;
-        let timeout = Duration::from_secs(10);
-        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-        let mut list = TopicPartitionList::new();
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                list.add_partition(&topic, p.id());
-            }
-        }
-        let committed = consumer.committed_offsets(list, timeout)?;
-        Ok(committed
-            .elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(n) => (e.partition(), u64::try_from(n).unwrap_or(0)),
-                _ => (e.partition(), 0),
-            })
-            .collect())
+    let read = tokio::task::spawn_blocking(move || {
+        topk::kafka::committed_offsets(&brokers, &group_owned, &topic, Duration::from_secs(10))
     })
     .await
     .expect("the committed-offsets reader does not panic");
@@ -361,7 +339,7 @@ struct Replaced {
 async fn replace_days(
     client: &clickhouse::Client,
     days: &[i64],
-    cells: Cells,
+    cells: Counts,
 ) -> Result<Replaced, BackfillError> {
     let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64;
     let staging = format!(
@@ -381,7 +359,7 @@ async fn write_and_replace(
     client: &clickhouse::Client,
     staging: &str,
     days: &[i64],
-    cells: Cells,
+    cells: Counts,
 ) -> Result<Replaced, clickhouse::error::Error> {
     client
         .query(&format!("CREATE TABLE {staging} AS plays_minute"))
@@ -404,63 +382,31 @@ async fn write_and_replace(
             .await?;
         users.extend(before);
     }
-    let mut insert = client.insert::<PlayRow>(staging).await?;
-    for ((user_id, song_id, minute), plays) in cells {
-        insert
-            .write(&PlayRow {
-                user_id,
-                song_id,
-                minute,
-                plays,
-                batch_id: BACKFILL_BATCH_ID,
-            })
-            .await?;
-    }
-    insert.end().await?;
+    let staged = cells
+        .into_iter()
+        .map(|(cell, plays)| PlayRow::new(cell, plays, BACKFILL_BATCH_ID));
+    tables::write_plays(client, staging, staged).await?;
     for &day in days {
         client
             .query(&format!(
                 "ALTER TABLE plays_minute REPLACE PARTITION {} FROM {staging}",
-                partition_id(day)
+                tables::day_partition(day as u32)
             ))
             .execute()
             .await?;
     }
     // After the counts, as the aggregator does: the rollups of these days are out of date.
-    let values: Vec<String> = days
-        .iter()
-        .map(|&d| format!("({})", topk::query::date_literal(d as u32)))
-        .collect();
-    client
-        .query(&format!(
-            "INSERT INTO day_touches (day) VALUES {}",
-            values.join(", ")
-        ))
-        .execute()
-        .await?;
+    let touched_days: BTreeSet<u32> = days.iter().map(|&d| d as u32).collect();
+    tables::touch_days(client, &touched_days).await?;
     // Then the users, as the aggregator does: the refresher finds changed answers only through
     // `user_touches` and the window's movement. After the day touches, so that a recomputation
     // these touches trigger never reads a replaced day from its old rollup.
     let users_touched = users.len() as u64;
-    if !users.is_empty() {
-        let mut insert = client.insert::<UserTouchRow>("user_touches").await?;
-        for user_id in users {
-            insert.write(&UserTouchRow { user_id }).await?;
-        }
-        insert.end().await?;
-    }
+    tables::touch_users(client, &users).await?;
     Ok(Replaced {
         rows,
         users_touched,
     })
-}
-
-/// `toYYYYMMDD` of a day start: the partition of `plays_minute` holding that day.
-fn partition_id(day: i64) -> u32 {
-    let date = time::OffsetDateTime::from_unix_timestamp(day)
-        .map(|t| t.date())
-        .unwrap_or(time::Date::MIN);
-    date.year() as u32 * 10_000 + u32::from(u8::from(date.month())) * 100 + u32::from(date.day())
 }
 
 #[cfg(test)]
@@ -471,7 +417,7 @@ mod tests {
     fn days_and_partitions() {
         let day = parse_day("2026-11-29").unwrap();
         assert_eq!(day_secs(day), 1_795_910_400);
-        assert_eq!(partition_id(day_secs(day)), 20_261_129);
+        assert_eq!(tables::day_partition(day_secs(day) as u32), 20_261_129);
         assert!(parse_day("29/11/2026").is_err());
     }
 }

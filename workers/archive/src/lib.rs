@@ -23,8 +23,8 @@ pub mod store;
 
 use std::time::Duration;
 
-use topk::config::{ClickHouseArgs, KafkaArgs, TelemetryArgs};
-use topk_aggregator::CountingRules;
+use topk::config::{ClickHouseArgs, KafkaArgs, MemberArgs, TelemetryArgs};
+use topk::counting::CountingRules;
 
 pub use archiver::{ArchiveError, run};
 pub use backfill::{BackfillError, BackfillReport};
@@ -42,9 +42,8 @@ pub struct ArchiveArgs {
     /// Consumer group of the archivers (independent of the aggregators').
     #[arg(long, env = "TOPK_ARCHIVE_GROUP", default_value = "topk-archive")]
     pub group: String,
-    /// Kafka consumer-group session timeout: how long a dead worker keeps its partitions.
-    #[arg(long, env = "TOPK_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub kafka_session_timeout: Duration,
+    #[command(flatten)]
+    pub member: MemberArgs,
     /// Longest a message waits before its batch is uploaded (and its offset committed).
     #[arg(long, env = "TOPK_ARCHIVE_FLUSH_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
@@ -58,14 +57,6 @@ pub struct ArchiveArgs {
     /// A batch is cut once its uncompressed lines reach this many bytes.
     #[arg(long, env = "TOPK_ARCHIVE_MAX_BATCH_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_batch_bytes: u64,
-    /// How long SIGTERM may spend on the final upload before giving up (nothing is lost: the
-    /// uncommitted offsets are re-read by the next owner).
-    #[arg(long, env = "TOPK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_timeout: Duration,
-    /// Test hook: sleep this long between the puts and the offset commit, to widen the window a
-    /// crash test aims `kill -9` at.
-    #[arg(long, env = "TOPK_TEST_PAUSE_BEFORE_COMMIT", value_parser = humantime::parse_duration, hide = true)]
-    pub test_pause_before_commit: Option<Duration>,
 }
 
 /// `topk backfill`.
