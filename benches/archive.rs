@@ -38,7 +38,6 @@ async fn main() {
     // The archiver, into a fresh directory (or a fresh prefix of the stack's bucket).
     let dir = tempfile::tempdir().expect("archive dir");
     let mut flags = vec![
-        "bench".to_owned(),
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
         format!("--group={}", unique("bench_archive")),
@@ -53,15 +52,7 @@ async fn main() {
     } else {
         flags.push(format!("--archive-url={}", dir.path().display()));
     }
-    let args = {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: topk_archive::ArchiveArgs,
-        }
-        Cli::parse_from(flags).args
-    };
+    let args: topk_archive::ArchiveArgs = common::flags::parse(flags);
     let store = topk_archive::store::open(&args.store).expect("store");
     let shutdown = CancellationToken::new();
     let started = Instant::now();

@@ -18,22 +18,13 @@
 
 mod common;
 
+use common::flags::parse;
 use common::{env_or, unique};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
-
-fn parse<T: clap::Args + clap::FromArgMatches>(argv: Vec<String>) -> T {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli<A: clap::Args + clap::FromArgMatches> {
-        #[command(flatten)]
-        args: A,
-    }
-    Cli::<T>::parse_from(argv).args
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -63,7 +54,6 @@ async fn measure(flush: &str, refresh: &str, seconds: u64, rate: u32) -> serde_j
 
     let shutdown = CancellationToken::new();
     let aggregator: topk_aggregator::AggregatorArgs = parse(vec![
-        "aggregate".into(),
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
         format!("--clickhouse-url={clickhouse_url}"),
@@ -72,7 +62,6 @@ async fn measure(flush: &str, refresh: &str, seconds: u64, rate: u32) -> serde_j
         format!("--flush-interval={flush}"),
     ]);
     let refresher: topk_refresher::RefresherArgs = parse(vec![
-        "refresh".into(),
         format!("--clickhouse-url={clickhouse_url}"),
         format!("--clickhouse-database={database}"),
         format!("--redis-url={redis_url}"),
@@ -81,7 +70,6 @@ async fn measure(flush: &str, refresh: &str, seconds: u64, rate: u32) -> serde_j
         "--key-ttl=30m".into(),
     ]);
     let loadgen: topk_loadgen::LoadgenArgs = parse(vec![
-        "loadgen".into(),
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
         format!("--rate={rate}"),

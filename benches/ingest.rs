@@ -228,52 +228,42 @@ async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> (Rates, u6
     let clickhouse = common::clickhouse_args("topk_bench");
     topk::migrate::run(&clickhouse).await.expect("migrate");
     let group = unique("bench_aggregator");
-    let args = {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: topk_aggregator::AggregatorArgs,
-        }
-        Cli::parse_from([
-            "bench".to_owned(),
-            format!("--kafka-brokers={brokers}"),
-            format!("--kafka-topic={topic}"),
-            format!("--clickhouse-url={}", clickhouse.url),
-            format!("--clickhouse-database={}", clickhouse.database),
-            format!("--group={group}"),
-            format!(
-                "--flush-interval={}",
-                std::env::var("TOPK_BENCH_FLUSH").unwrap_or_else(|_| "250ms".into())
-            ),
-            format!("--max-state-bytes={}", 4u64 << 30),
-        ])
-        .args
-    };
+    let args: topk_aggregator::AggregatorArgs = common::flags::parse([
+        format!("--kafka-brokers={brokers}"),
+        format!("--kafka-topic={topic}"),
+        format!("--clickhouse-url={}", clickhouse.url),
+        format!("--clickhouse-database={}", clickhouse.database),
+        format!("--group={group}"),
+        format!(
+            "--flush-interval={}",
+            std::env::var("TOPK_BENCH_FLUSH").unwrap_or_else(|_| "250ms".into())
+        ),
+        format!("--max-state-bytes={}", 4u64 << 30),
+    ]);
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let worker = tokio::spawn(topk_aggregator::run(args, shutdown.clone()));
-    // A client of the aggregator's group that never joins it: it only reads the commits.
-    let watcher = topk::kafka::consumer(brokers, &group).expect("watcher");
+    let watcher = common::group::reader(brokers, &group);
     let metadata = watcher
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        partitions.add_partition(topic, partition.id());
-    }
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|partition| partition.id())
+        .collect();
     let mut first = None;
     loop {
-        let committed: u64 = watcher
-            .committed_offsets(partitions.clone(), Duration::from_secs(10))
-            .map(|list| {
-                list.elements()
-                    .iter()
-                    .filter_map(|e| e.offset().to_raw())
-                    .filter_map(|offset| u64::try_from(offset).ok())
-                    .sum()
-            })
-            .unwrap_or(0);
+        let committed: u64 =
+            common::group::committed_offsets(&watcher, topic, partitions.iter().copied())
+                .map(|offsets| {
+                    offsets
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|offset| u64::try_from(offset).ok())
+                        .sum()
+                })
+                .unwrap_or(0);
         if committed > 0 && first.is_none() {
             first = Some((Instant::now(), committed, MachineCpu::now()));
         }
@@ -325,7 +315,7 @@ async fn ceiling_round(brokers: &str, topic: &str, events: u64, rows: u64) -> Ra
 /// encoding is not in it (the ceiling's inserts carry that).
 async fn process_only(brokers: &str, topic: &str, events: u64) -> Vec<f64> {
     use rdkafka::Message as _;
-    use topk_aggregator::partition::{Message, PartitionState};
+    use topk::counting::partition::{Message, PartitionState};
     let consumer = topk::kafka::consumer(brokers, &unique("bench_process")).expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut messages = Vec::with_capacity(events as usize);
@@ -341,15 +331,7 @@ async fn process_only(brokers: &str, topic: &str, events: u64) -> Vec<f64> {
     }
     drop(consumer);
     // The rules the aggregator side runs with: its defaults (and their environment overrides).
-    let rules = {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            rules: topk_aggregator::CountingRules,
-        }
-        Cli::parse_from(["bench"]).rules
-    };
+    let rules: topk::counting::CountingRules = common::flags::parse(Vec::<String>::new());
     (0..3)
         .map(|_| {
             let mut states = std::collections::HashMap::new();
@@ -384,11 +366,11 @@ async fn insert_rows(client: clickhouse::Client, rows: u64) {
     let minute = (time::OffsetDateTime::now_utc().unix_timestamp() / 60 * 60) as u32;
     for start in (0..rows).step_by(PER_INSERT as usize) {
         let mut insert = client
-            .insert::<topk_aggregator::store::PlayRow>("plays_minute")
+            .insert::<topk::olap::tables::PlayRow>("plays_minute")
             .await
             .expect("insert");
         for i in start..(start + PER_INSERT).min(rows) {
-            let row = topk_aggregator::store::PlayRow {
+            let row = topk::olap::tables::PlayRow {
                 user_id: (i * 7_919) % 100_000 + 1,
                 song_id: (i * 104_729) % 10_000 + 1,
                 minute: minute - (i % 60) as u32 * 60,

@@ -82,24 +82,8 @@ async fn main() {
         .execute()
         .await
         .expect("generate heavy listeners");
-    client
-        .query(
-            "INSERT INTO day_touches (day, touched_at) \
-             SELECT DISTINCT toDate(minute), now() - 5 FROM plays_minute",
-        )
-        .execute()
-        .await
-        .expect("touches");
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let rolled = topk_maintenance::rollup(&client, &SystemClock, false)
-        .await
-        .expect("rollup");
-    eprintln!("rolled up {} days", rolled.days.len());
-    client
-        .query("OPTIMIZE TABLE plays_minute FINAL")
-        .execute()
-        .await
-        .expect("optimize");
+    let days = common::roll_up_and_merge(&client).await;
+    eprintln!("rolled up {days} days");
 
     let query = TopQuery::new(client.clone());
     let mut rng = rand::rng();

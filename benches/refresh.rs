@@ -58,23 +58,7 @@ async fn main() {
     let now = SystemClock.now_ms();
     let window = Window::at(now);
     common::generate_minute_rows(&client, window, users, rows).await;
-    client
-        .query(
-            "INSERT INTO day_touches (day, touched_at) \
-             SELECT DISTINCT toDate(minute), now() - 5 FROM plays_minute",
-        )
-        .execute()
-        .await
-        .expect("day touches");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    topk_maintenance::rollup(&client, &SystemClock, false)
-        .await
-        .expect("rollup");
-    client
-        .query("OPTIMIZE TABLE plays_minute FINAL")
-        .execute()
-        .await
-        .expect("optimize");
+    common::roll_up_and_merge(&client).await;
     client
         .query(&format!(
             "INSERT INTO user_touches (user_id) SELECT number + 1 FROM numbers({users})"
@@ -86,8 +70,10 @@ async fn main() {
     let settings = RefreshSettings {
         batch_size,
         concurrency,
-        key_ttl: Duration::from_secs(600),
-        tombstone_ttl: Duration::from_secs(600),
+        cache: topk::config::CachePolicyArgs {
+            key_ttl: Duration::from_secs(600),
+            tombstone_ttl: Duration::from_secs(600),
+        },
         touch_margin: Duration::from_secs(120),
         catch_up: Duration::from_secs(3600),
     };
@@ -147,8 +133,8 @@ async fn main() {
     // The baseline: one ClickHouse query per user, same writes, same concurrency.
     let target = Target {
         prefix: format!("{}_baseline", redis_args.prefix),
-        ttl: settings.key_ttl,
-        tombstone_ttl: settings.tombstone_ttl,
+        ttl: settings.cache.key_ttl,
+        tombstone_ttl: settings.cache.tombstone_ttl,
     };
     let conn = redis.get().await.expect("redis connection");
     let computed_at = SystemClock.now_ms();

@@ -9,9 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 const MINUTE: i64 = 60_000;
@@ -86,32 +84,9 @@ fn spawn_worker(
 /// Waits until the group committed `end` on partition 0: everything before it is in ClickHouse
 /// (offsets are committed only after the counts are durable).
 async fn wait_for_commit(setup: &Setup, end: i64) {
-    // A client of the group that never joins it: it only reads the committed offset.
-    let reader: BaseConsumer = topk::kafka::consumer_config(&setup.brokers, &setup.group)
-        .create()
-        .expect("consumer");
-    let mut partitions = TopicPartitionList::new();
-    partitions.add_partition(&setup.topic, 0);
-    // Bounded only so a stall fails the test instead of hanging it; no timing is asserted.
-    let mut last = None;
-    for _ in 0..600 {
-        let committed = reader
-            .committed_offsets(partitions.clone(), Duration::from_secs(10))
-            .ok()
-            .and_then(
-                |list| match list.find_partition(&setup.topic, 0)?.offset() {
-                    Offset::Offset(n) => Some(n),
-                    _ => None,
-                },
-            );
-        if committed.is_some_and(|n| n >= end) {
-            assert_eq!(committed, Some(end));
-            return;
-        }
-        last = committed.or(last);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("the committed offset stays at {last:?}, never reaching {end}");
+    let committed =
+        common::group::wait_for_commit(&setup.brokers, &setup.group, &setup.topic, end).await;
+    assert_eq!(committed, end);
 }
 
 /// The traffic of both tests: a play, one message from a producer 20 minutes ahead (its play is

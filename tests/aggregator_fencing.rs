@@ -11,7 +11,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,18 +25,8 @@ use tokio::sync::watch;
 
 /// Starts `topk aggregate` with `flags` and extra environment, logging at info to `log`.
 fn aggregate(flags: &[String], env: &[(&str, &str)], log: &Path) -> Child {
-    let file = std::fs::File::create(log).expect("log file");
-    let mut command = tokio::process::Command::new(common::topk_bin());
-    command
-        .arg("aggregate")
-        .args(flags)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(file)
-        .kill_on_drop(true);
-    for (name, value) in env {
-        command.env(name, value);
-    }
+    let mut command = common::topk_command(&["aggregate"], log);
+    command.args(flags).envs(env.iter().copied());
     command.spawn().expect("topk starts")
 }
 
@@ -116,12 +105,7 @@ impl Setup {
 }
 
 fn signal(child: &Child, name: &str) {
-    let pid = child.id().expect("running").to_string();
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{name} {pid}");
+    common::signal(child.id().expect("running"), name);
 }
 
 /// Lines of `log` containing `needle`.

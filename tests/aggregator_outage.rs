@@ -5,43 +5,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
+use common::private_stack::{PrivateStack, Spec};
 use common::workload::{self, Mix, Workload};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tokio_util::sync::CancellationToken;
 
 const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
-
-/// A ClickHouse of the test's own; stopped (with its folder) when dropped.
-struct PrivateClickHouse {
-    dir: tempfile::TempDir,
-    http_port: u16,
-}
-
-impl PrivateClickHouse {
-    fn stack(&self, verb: &str) {
-        let output = Command::new(common::workspace_root().join("scripts/stack"))
-            .args([verb, "clickhouse"])
-            .env("TOPK_STACK_DIR", self.dir.path())
-            .env("TOPK_STACK_CH_HTTP_PORT", self.http_port.to_string())
-            .env("TOPK_STACK_CH_TCP_PORT", (self.http_port + 1).to_string())
-            .output()
-            .expect("scripts/stack runs");
-        assert!(
-            output.status.success(),
-            "stack {verb}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-}
-
-impl Drop for PrivateClickHouse {
-    fn drop(&mut self) {
-        self.stack("down");
-    }
-}
 
 /// Folds one snapshot into what the test watches. A snapshot resets the recorder's gauges, so
 /// a gauge only shows up when it was set since the previous snapshot.
@@ -66,14 +37,14 @@ async fn clickhouse_outage_is_backpressure_not_loss() {
         .install()
         .expect("the only recorder of this test process");
 
-    let http_port = 26_000 + (std::process::id() % 500) as u16 * 4;
-    let clickhouse_server = PrivateClickHouse {
-        dir: tempfile::tempdir().expect("dir"),
-        http_port,
-    };
-    clickhouse_server.stack("up");
-    let mut clickhouse = common::clickhouse_args(&common::unique("topk_outage"));
-    clickhouse.url = format!("http://127.0.0.1:{http_port}");
+    let clickhouse_server = PrivateStack::start(Spec {
+        name: "outage",
+        services: &["clickhouse"],
+        database: "topk_outage",
+        ..Spec::default()
+    })
+    .await;
+    let clickhouse = clickhouse_server.clickhouse();
     topk::migrate::run(&clickhouse).await.expect("migrate");
 
     let (broker, topic) = common::dev_broker(4);
@@ -106,7 +77,7 @@ async fn clickhouse_outage_is_backpressure_not_loss() {
     workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(60)).await;
 
     // Outage: ClickHouse stops while traffic keeps coming, far more than fits under the cap.
-    clickhouse_server.stack("down");
+    clickhouse_server.run("down", &["clickhouse"]).await;
     let mut max_state = 0f64;
     let mut paused_seen = false;
     for _ in 0..20 {
@@ -141,7 +112,7 @@ async fn clickhouse_outage_is_backpressure_not_loss() {
     );
 
     // Back up: the worker resumes on its own (every play is then counted, exactly once).
-    clickhouse_server.stack("up");
+    clickhouse_server.run("up", &["clickhouse"]).await;
     workload::wait_for_total(&clickhouse, load.total(), Duration::from_secs(120)).await;
     shutdown.cancel();
     worker.await.expect("joins").expect("clean shutdown");

@@ -12,7 +12,6 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::plays::{MINUTE, Play};
@@ -261,10 +260,7 @@ impl Api {
         let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
             .parse()
             .expect("addr");
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("{}.log", common::unique(log))),
-        )
-        .expect("log");
+        let log = std::env::temp_dir().join(format!("{}.log", common::unique(log)));
         // These bounds unless `extra` sets them (a flag may be given once). One client may take
         // every connection by default here: the abuses below test the global bound.
         let defaults = [
@@ -277,8 +273,7 @@ impl Api {
             .iter()
             .filter(|(flag, _)| !extra.contains(flag))
             .flat_map(|(flag, value)| [*flag, value.as_str()]);
-        let child = tokio::process::Command::new(common::topk_bin())
-            .arg("serve")
+        let child = common::topk_command(&["serve"], &log)
             .args(["--listen", &addr.to_string()])
             .args(["--clickhouse-url", &clickhouse.url])
             .args(["--clickhouse-database", &clickhouse.database])
@@ -287,10 +282,6 @@ impl Api {
             .args(extra)
             // The secret from the environment, never a flag value.
             .env("TOPK_JWT_SECRET", SECRET)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .expect("topk serve starts");
         let pid = child.id().expect("running");

@@ -61,16 +61,6 @@ fn store_flags(url: &str, endpoint: Option<&str>) -> Vec<String> {
     flags
 }
 
-fn parse<T: clap::Args>(argv: Vec<String>) -> T {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli<T: clap::Args> {
-        #[command(flatten)]
-        args: T,
-    }
-    Cli::<T>::parse_from(std::iter::once("topk".to_owned()).chain(argv)).args
-}
-
 fn archive_args(brokers: &str, topic: &str, store: &[String], extra: &[&str]) -> ArchiveArgs {
     let mut argv = vec![
         format!("--kafka-brokers={brokers}"),
@@ -81,7 +71,7 @@ fn archive_args(brokers: &str, topic: &str, store: &[String], extra: &[&str]) ->
     ];
     argv.extend(store.iter().cloned());
     argv.extend(extra.iter().map(|s| (*s).to_owned()));
-    parse(argv)
+    common::flags::parse(argv)
 }
 
 fn backfill_args(
@@ -100,7 +90,7 @@ fn backfill_args(
     ];
     argv.extend(store.iter().cloned());
     argv.extend(extra.iter().cloned());
-    parse(argv)
+    common::flags::parse(argv)
 }
 
 /// The first day any generated play can fall on (plays reach 7 days back; older ones are
@@ -117,7 +107,7 @@ fn since_day() -> String {
 
 /// Everything in the archive of `topic`: per partition, each object with its records.
 async fn archived(store: &[String], topic: &str) -> BTreeMap<i32, Vec<(ObjectName, Vec<Record>)>> {
-    let args: topk_archive::StoreArgs = parse(store.to_vec());
+    let args: topk_archive::StoreArgs = common::flags::parse(store);
     let store = topk_archive::store::open(&args).expect("store opens");
     let listing = topk_archive::store::list_topic(store.as_ref(), topic)
         .await
@@ -561,14 +551,10 @@ async fn minute_answers(
         .fetch_all()
         .await
         .expect("minute rows");
-    let mut by_user: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-    for (user, song, plays) in rows {
-        by_user.entry(user).or_default().push((song, plays));
-    }
-    by_user
-        .into_iter()
-        .map(|(user, plays)| (user, topk::window::rank(plays, topk::window::MAX_LIMIT)))
-        .collect()
+    common::plays::ranked(
+        rows.into_iter()
+            .map(|(user, song, plays)| ((user, song), plays)),
+    )
 }
 
 /// Issue 16, item 7. A backfill changes counts behind the refresher's back: it must write a
@@ -634,8 +620,10 @@ async fn a_backfill_is_refreshed_and_its_rolled_up_days_forget_what_it_removed()
     let settings = topk_refresher::RefreshSettings {
         batch_size: 100,
         concurrency: 2,
-        key_ttl: Duration::from_secs(8 * 24 * 3600),
-        tombstone_ttl: Duration::from_secs(600),
+        cache: topk::config::CachePolicyArgs {
+            key_ttl: Duration::from_secs(8 * 24 * 3600),
+            tombstone_ttl: Duration::from_secs(600),
+        },
         // No overlap with the previous cycle: the second cycle sees only what came after the
         // first, i.e. the backfill's touches.
         touch_margin: Duration::ZERO,

@@ -18,22 +18,24 @@
 //! private stack with its own seed. One longer storm is not the full storm because of tansu 0.6.0:
 //! after 17-60 kills in one group its coordinator stopped giving a new member partitions (twice,
 //! for the rest of the run; see RELIABILITY.md), which tests the broker, not topk.
+//!
+//! The harness is in `tests/common`: the private stack (`private_stack`), the roles as
+//! processes (`roles`) and the API poller (`api_poller`); this file is the storm.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::api_poller::{Sample, http_get, poll_api};
+use common::private_stack::{PrivateStack, Spec};
+use common::roles::{Roles, newest_log, wait_for_line};
 use rand::Rng;
 use rand::rngs::StdRng;
 use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Child;
 use tokio::time::Instant;
-use topk::config::{ClickHouseArgs, RedisArgs};
 
 const PARTITIONS: i32 = 4;
 const TOPIC: &str = "plays";
@@ -50,343 +52,6 @@ const DEDUP_WINDOW: &str = "3m";
 /// ~10 s and threw its fetched backlog away, for good), where 64 KiB fetches take ~0.35 s
 /// (measured on a failed storm's data with `TOPK_KAFKA_DEBUG=protocol`, 2026-11-30).
 const TANSU_FETCH_OPTIONS: &str = "fetch.max.bytes=65536,message.max.bytes=65536";
-
-/// Cargo's package variables would reach the build `scripts/stack` runs and make it rebuild
-/// the binary from scratch (see `common::topk_bin`); the shared stack's `TOPK_…` variables would
-/// point a role at the shared services wherever a flag is missing.
-fn scrub_env(command: &mut tokio::process::Command) {
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if common::is_cargo_package_var(&name) || name.starts_with("TOPK_") {
-            command.env_remove(name.as_ref());
-        }
-    }
-}
-
-// ---------------------------------------------------------------- the private stack
-
-/// Redis, ClickHouse and tansu of this test only, on ports the OS gave, so that restarting them
-/// disturbs no other test. Torn down on drop (also when the test panics; then the folder with
-/// every log is kept and its path printed).
-struct PrivateStack {
-    dir: Option<tempfile::TempDir>,
-    redis_port: u16,
-    ch_http_port: u16,
-    ch_tcp_port: u16,
-    kafka_port: u16,
-}
-
-impl PrivateStack {
-    fn path(&self) -> &Path {
-        self.dir.as_ref().expect("dir").path()
-    }
-
-    fn command(&self, verb: &str, services: &[&str]) -> tokio::process::Command {
-        let mut command =
-            tokio::process::Command::new(common::workspace_root().join("scripts/stack"));
-        scrub_env(&mut command);
-        command
-            .arg(verb)
-            .args(services)
-            .env("TOPK_STACK_DIR", self.path().join("stack"))
-            .env("TOPK_BROKER", "tansu")
-            .env("TOPK_PARTITIONS", PARTITIONS.to_string())
-            .env("TOPK_KAFKA_TOPIC", TOPIC)
-            .env("TOPK_STACK_REDIS_PORT", self.redis_port.to_string())
-            .env("TOPK_STACK_CH_HTTP_PORT", self.ch_http_port.to_string())
-            .env("TOPK_STACK_CH_TCP_PORT", self.ch_tcp_port.to_string())
-            .env("TOPK_STACK_KAFKA_PORT", self.kafka_port.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        command
-    }
-
-    async fn run(&self, verb: &str, services: &[&str]) {
-        let output = self
-            .command(verb, services)
-            .output()
-            .await
-            .expect("scripts/stack runs");
-        assert!(
-            output.status.success(),
-            "scripts/stack {verb} {services:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    async fn start() -> Self {
-        // The binary first: `scripts/stack up tansu` builds it too, and would otherwise do so
-        // with this test's timing on the clock.
-        common::topk_bin();
-        let stack = PrivateStack {
-            dir: Some(
-                tempfile::Builder::new()
-                    .prefix("topk-chaos-")
-                    .tempdir()
-                    .expect("tempdir"),
-            ),
-            redis_port: common::free_port(),
-            ch_http_port: common::free_port(),
-            ch_tcp_port: common::free_port(),
-            kafka_port: common::free_port(),
-        };
-        std::fs::create_dir_all(stack.logs()).expect("log dir");
-        stack.run("up", &["redis", "clickhouse", "tansu"]).await;
-        stack
-    }
-
-    fn logs(&self) -> PathBuf {
-        self.path().join("logs")
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.kafka_port)
-    }
-
-    fn clickhouse(&self) -> ClickHouseArgs {
-        ClickHouseArgs {
-            url: format!("http://127.0.0.1:{}", self.ch_http_port),
-            database: DATABASE.to_owned(),
-            user: "default".to_owned(),
-            password_file: None,
-            password_env: None,
-        }
-    }
-
-    fn redis(&self) -> RedisArgs {
-        RedisArgs {
-            url: format!("redis://127.0.0.1:{}", self.redis_port),
-            prefix: PREFIX.to_owned(),
-            pool_size: 4,
-            cluster: false,
-            auth: Default::default(),
-        }
-    }
-
-    /// The flags that point a role at this stack.
-    fn flags(&self, kafka: bool, clickhouse: bool, redis: bool) -> Vec<String> {
-        let mut flags = Vec::new();
-        if kafka {
-            flags.push(format!("--kafka-brokers={}", self.brokers()));
-            flags.push(format!("--kafka-topic={TOPIC}"));
-        }
-        if clickhouse {
-            flags.push(format!("--clickhouse-url={}", self.clickhouse().url));
-            flags.push(format!("--clickhouse-database={DATABASE}"));
-        }
-        if redis {
-            flags.push(format!("--redis-url={}", self.redis().url));
-            flags.push(format!("--redis-prefix={PREFIX}"));
-        }
-        flags
-    }
-}
-
-impl Drop for PrivateStack {
-    fn drop(&mut self) {
-        let mut command =
-            std::process::Command::new(common::workspace_root().join("scripts/stack"));
-        command
-            .args(["down", "redis", "clickhouse", "tansu"])
-            .env("TOPK_STACK_DIR", self.path().join("stack"))
-            .env("TOPK_BROKER", "tansu")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let _ = command.status();
-        // TOPK_CHAOS_KEEP keeps them after a storm that passed too, to study one.
-        if (std::thread::panicking() || std::env::var_os("TOPK_CHAOS_KEEP").is_some())
-            && let Some(dir) = self.dir.take()
-        {
-            eprintln!("chaos: logs and stack data kept in {:?}", dir.keep());
-        }
-    }
-}
-
-// ---------------------------------------------------------------- roles as processes
-
-/// One role: a `topk` child process, restarted after each kill, each incarnation logging to a
-/// file of its own.
-struct Role {
-    name: &'static str,
-    args: Vec<String>,
-    logs: PathBuf,
-    child: Option<Child>,
-    starts: usize,
-    /// Exits nobody asked for: (incarnation log, status).
-    unexpected_exits: Arc<Mutex<Vec<String>>>,
-}
-
-impl Role {
-    fn new(
-        name: &'static str,
-        args: Vec<String>,
-        logs: PathBuf,
-        exits: &Arc<Mutex<Vec<String>>>,
-    ) -> Self {
-        Role {
-            name,
-            args,
-            logs,
-            child: None,
-            starts: 0,
-            unexpected_exits: exits.clone(),
-        }
-    }
-
-    fn log_path(&self, n: usize) -> PathBuf {
-        self.logs.join(format!("{}-{n:03}.log", self.name))
-    }
-
-    fn current_log(&self) -> PathBuf {
-        self.log_path(self.starts - 1)
-    }
-
-    fn start_with(&mut self, extra: &[&str]) {
-        assert!(self.child.is_none(), "{} already running", self.name);
-        let log = std::fs::File::create(self.log_path(self.starts)).expect("log file");
-        let mut command = tokio::process::Command::new(common::topk_bin());
-        scrub_env(&mut command);
-        command
-            .args(&self.args)
-            .args(extra)
-            .env("TOPK_KAFKA_OPTIONS", TANSU_FETCH_OPTIONS)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
-        self.child = Some(command.spawn().expect("topk starts"));
-        self.starts += 1;
-    }
-
-    fn start(&mut self) {
-        self.start_with(&[]);
-    }
-
-    /// Records the current incarnation as an unexpected exit if it is no longer running.
-    fn check(&mut self) {
-        if let Some(child) = &mut self.child
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            self.unexpected_exits.lock().unwrap().push(format!(
-                "{} exited on its own ({status}); log {:?}",
-                self.name,
-                self.current_log()
-            ));
-            self.child = None;
-        }
-    }
-
-    async fn kill_9(&mut self) {
-        self.check();
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().expect("SIGKILL");
-            child.wait().await.expect("reaped");
-        }
-    }
-
-    /// SIGTERM; the role must exit cleanly.
-    async fn terminate(&mut self) {
-        self.check();
-        let child = self
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("{} is not running", self.name));
-        common::terminate(child).await;
-    }
-}
-
-// ---------------------------------------------------------------- the API poller
-
-#[derive(Debug, Clone)]
-struct Sample {
-    started: Instant,
-    ended: Instant,
-    user: u64,
-    /// 0 when no HTTP answer came (connection refused or reset, or no answer in 30 s).
-    status: u16,
-    retry_after: Option<String>,
-    body: String,
-}
-
-/// One `GET` over a fresh connection (HTTP/1.1, `Connection: close`): status, `Retry-After`,
-/// body. The API's answers carry a `Content-Length`, so the body is what follows the headers.
-async fn http_get(port: u16, path: &str) -> Result<(u16, Option<String>, String), String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("no header end in {text:?}"))?;
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|line| line.split_whitespace().nth(1))
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| format!("bad status line in {head:?}"))?;
-        let retry_after = lines.find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("retry-after")
-                .then(|| value.trim().to_owned())
-        });
-        Ok((status, retry_after, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 30 s".to_owned()))
-}
-
-/// Requests random users' top songs until `stop`, two at a time.
-async fn poll_api(
-    port: u16,
-    users: u64,
-    seed: u64,
-    stop: tokio_util::sync::CancellationToken,
-) -> Vec<Sample> {
-    let lanes = (0..2u64).map(|lane| {
-        let stop = stop.clone();
-        async move {
-            let mut rng: StdRng = rand::SeedableRng::seed_from_u64(seed ^ lane);
-            let mut samples = Vec::new();
-            while !stop.is_cancelled() {
-                // A few ids past the last user: users without plays take the ClickHouse path.
-                let user = rng.random_range(1..=users + users / 20);
-                let started = Instant::now();
-                let result = http_get(port, &format!("/v1/users/{user}/top-songs?limit=10")).await;
-                let ended = Instant::now();
-                let (status, retry_after, body) = result.unwrap_or_else(|e| (0, None, e));
-                samples.push(Sample {
-                    started,
-                    ended,
-                    user,
-                    status,
-                    retry_after,
-                    body,
-                });
-                tokio::time::sleep(Duration::from_millis(rng.random_range(20..80))).await;
-            }
-            samples
-        }
-    });
-    futures::future::join_all(lanes)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
-}
 
 // ---------------------------------------------------------------- outage phases
 
@@ -423,20 +88,13 @@ async fn phase<F: std::future::Future<Output = ()>>(
 /// longer than the request timeouts while the last worker drains the backlog: an error here
 /// only means "not known yet".
 fn progress(brokers: &str) -> Result<Vec<(i64, i64)>, rdkafka::error::KafkaError> {
-    let consumer = topk::kafka::consumer(brokers, GROUP).expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        list.add_partition(TOPIC, p);
-    }
-    let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+    let reader = common::group::reader(brokers, GROUP);
+    let committed = common::group::committed_offsets(&reader, TOPIC, 0..PARTITIONS)?;
     (0..PARTITIONS)
-        .map(|p| {
-            let (_, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10))?;
-            let done = match committed.find_partition(TOPIC, p).map(|e| e.offset()) {
-                Some(Offset::Offset(n)) => n,
-                _ => -1,
-            };
-            Ok((done, high))
+        .zip(committed)
+        .map(|(p, done)| {
+            let (_, high) = reader.fetch_watermarks(TOPIC, p, Duration::from_secs(10))?;
+            Ok((done.unwrap_or(-1), high))
         })
         .collect()
 }
@@ -451,67 +109,12 @@ fn cycles_done(log: &Path) -> Vec<bool> {
         .collect()
 }
 
-fn ranked_truth(truth: &BTreeMap<(u64, u64), u64>) -> BTreeMap<u64, Vec<topk::window::RankedSong>> {
-    let mut per_user: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
-    for (&(user, song), &plays) in truth {
-        per_user.entry(user).or_default().push((song, plays));
-    }
-    per_user
-        .into_iter()
-        .map(|(user, plays)| (user, topk::window::rank(plays, topk::window::MAX_LIMIT)))
-        .collect()
-}
-
 // ---------------------------------------------------------------- the stalled ClickHouse
 
 /// How long ClickHouse stays stopped (SIGSTOP) across a rebalance: longer than the revoke's
 /// wait for a flush in flight (twice the aggregator's `--clickhouse-timeout`, 10 s by default,
 /// in `worker.rs`), so the partitions move while the old owner's insert still hangs.
 const STALL: Duration = Duration::from_secs(30);
-
-/// Sends SIGSTOP or SIGCONT (`signal` without the dash) to `pid`.
-async fn signal(pid: &str, signal: &str) {
-    let status = tokio::process::Command::new("kill")
-        .args([&format!("-{signal}"), pid])
-        .status()
-        .await
-        .expect("kill runs");
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// The newest incarnation log of the role `name` in `logs`.
-fn newest_log(logs: &Path, name: &str) -> Option<PathBuf> {
-    std::fs::read_dir(logs)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix(name)?.strip_prefix('-'))
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-        })
-        .max()
-}
-
-/// Waits until the file `log()` names contains `needle`, for at most `limit` (a disruption
-/// aimed at a worker that never got that far still happens, only less precisely).
-/// Whether it came.
-async fn wait_for_line(log: impl Fn() -> Option<PathBuf>, needle: &str, limit: Duration) -> bool {
-    let started = Instant::now();
-    loop {
-        if log()
-            .and_then(|path| std::fs::read_to_string(path).ok())
-            .is_some_and(|text| text.contains(needle))
-        {
-            return true;
-        }
-        if started.elapsed() >= limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 // ---------------------------------------------------------------- the producer ahead
 
@@ -652,16 +255,26 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     let test_started = Instant::now();
     let test_wall = time::OffsetDateTime::now_utc().time();
 
-    let stack = PrivateStack::start().await;
+    let stack = PrivateStack::start(Spec {
+        name: "chaos",
+        services: &["redis", "clickhouse", "tansu"],
+        topic: TOPIC,
+        partitions: PARTITIONS,
+        database: DATABASE,
+        prefix: PREFIX,
+        keep_var: Some("TOPK_CHAOS_KEEP"),
+    })
+    .await;
     let logs = stack.logs();
     topk::migrate::run(&stack.clickhouse())
         .await
         .expect("migrations apply");
-    let exits: Arc<Mutex<Vec<String>>> = Arc::default();
+    let roles = Roles::new(logs.clone(), &[("TOPK_KAFKA_OPTIONS", TANSU_FETCH_OPTIONS)]);
+    let exits = roles.exits();
     let phases: Phases = Arc::default();
 
     let api_port = common::free_port();
-    let mut serve = Role::new(
+    let mut serve = roles.role(
         "serve",
         [
             vec!["serve".to_owned(), format!("--listen=127.0.0.1:{api_port}")],
@@ -675,8 +288,6 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             ],
         ]
         .concat(),
-        logs.clone(),
-        &exits,
     );
     serve.start();
     // The poller's first request must not race the API's start.
@@ -690,7 +301,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut refresher = Role::new(
+    let mut refresher = roles.role(
         "refresh",
         [
             vec![
@@ -700,8 +311,6 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             stack.flags(false, true, true),
         ]
         .concat(),
-        logs.clone(),
-        &exits,
     );
     refresher.start();
     let aggregator_args = [
@@ -718,12 +327,12 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         stack.flags(true, true, false),
     ]
     .concat();
-    let mut aggregator = Role::new("aggregate", aggregator_args.clone(), logs.clone(), &exits);
+    let mut aggregator = roles.role("aggregate", aggregator_args.clone());
     aggregator.start();
     // A second member, started while ClickHouse is stalled (see the disruptions).
-    let mut second = Role::new("aggregate2", aggregator_args, logs.clone(), &exits);
+    let mut second = roles.role("aggregate2", aggregator_args);
     let truth_path = logs.join("truth.json");
-    let mut loadgen = Role::new(
+    let mut loadgen = roles.role(
         "loadgen",
         [
             vec![
@@ -740,8 +349,6 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             stack.flags(true, false, false),
         ]
         .concat(),
-        logs.clone(),
-        &exits,
     );
     loadgen.start();
 
@@ -768,14 +375,12 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             // it resumed (re-read its dedup window) only repeats that work: wait until the worker
             // processes (or at most 60 s, e.g. while ClickHouse is down), then kill it at a
             // random moment of its work.
-            let working = Instant::now();
-            while working.elapsed() < Duration::from_secs(60)
-                && !std::fs::read_to_string(aggregator.current_log())
-                    .unwrap_or_default()
-                    .contains("partition resumed")
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_for_line(
+                || Some(aggregator.current_log()),
+                "partition resumed",
+                Duration::from_secs(60),
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_500))).await;
             while killer_hold.load(std::sync::atomic::Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -794,17 +399,10 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         let flags = stack.flags(false, true, true);
         let log = logs.join(format!("{name}.log"));
         async move {
-            let mut command = tokio::process::Command::new(common::topk_bin());
-            scrub_env(&mut command);
-            let output = command
-                .arg("warmup")
-                .args(&flags)
-                .env("RUST_LOG", "info")
-                .stderr(std::fs::File::create(&log).expect("log"))
-                .stdout(std::process::Stdio::null())
-                .status()
-                .await
-                .expect("warmup runs");
+            let mut command =
+                common::topk_command(&[vec!["warmup".to_owned()], flags].concat(), &log);
+            common::scrub_env(&mut command);
+            let output = command.status().await.expect("warmup runs");
             assert!(output.success(), "topk warmup failed; log {log:?}");
         }
     };
@@ -896,19 +494,19 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let pid = std::fs::read_to_string(stack.path().join("stack/clickhouse.pid"))
             .expect("clickhouse pid file");
-        let pid = pid.trim();
+        let pid: u32 = pid.trim().parse().expect("a pid");
         phase(
             &phases,
             format!("clickhouse stalled {STALL:?} across a rebalance"),
             true,
             async {
-                signal(pid, "STOP").await;
+                common::signal(pid, "STOP");
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 second.kill_9().await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 second.start();
                 tokio::time::sleep(STALL - Duration::from_secs(4)).await;
-                signal(pid, "CONT").await;
+                common::signal(pid, "CONT");
                 // The outage lasts until ClickHouse answers a query again (not only its ping):
                 // it first works off every request that queued up during the stall.
                 let client = topk::olap::client(&stack.clickhouse());
@@ -1044,7 +642,7 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
     }
     let cache = topk::cache::Redis::connect(&stack.redis()).expect("redis pool");
     let query = topk::query::TopQuery::new(topk::olap::client(&stack.clickhouse()));
-    let ranked = ranked_truth(&expected);
+    let ranked = common::plays::ranked(expected.clone());
     let window = topk::window::Window::at(common::workload::now_ms());
     let user_ids: Vec<u64> = ranked.keys().copied().collect();
     let mut fresh = BTreeMap::new();

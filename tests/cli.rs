@@ -7,7 +7,7 @@ mod common;
 use std::process::Output;
 
 use bb8_redis::redis::AsyncCommands;
-use topk_aggregator::batch::Batch;
+use topk::counting::batch::Batch;
 use topk_aggregator::store::Store;
 
 fn topk(
@@ -89,8 +89,8 @@ async fn top_prints_the_api_json_from_clickhouse_then_from_redis() {
     );
 
     // Cached: the answer comes from the two keys of the contract.
-    let pool = topk::cache::pool(&redis).expect("pool");
-    let mut conn = pool.get().await.expect("redis");
+    let cache = topk::cache::Redis::connect(&redis).expect("redis");
+    let mut conn = cache.get().await.expect("redis");
     let songs_key = topk::cache::songs_key(&redis.prefix, 42);
     let meta_key = topk::cache::meta_key(&redis.prefix, 42);
     let _: () = conn
@@ -219,11 +219,7 @@ async fn exit_on_sigterm_after_the_log_reader_is_gone(args: &[String]) -> std::p
     assert!(!first.is_empty(), "`topk {}` logged nothing", args[0]);
     drop(stderr);
     drop(child.stdout.take());
-    let pid = child.id().expect("running").to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    assert!(kill.expect("kill").success());
+    common::signal(child.id().expect("running"), "TERM");
     tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
         .await
         .unwrap_or_else(|_| panic!("`topk {}` still runs a minute after SIGTERM", args[0]))

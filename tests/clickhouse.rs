@@ -5,7 +5,7 @@ mod common;
 
 use clickhouse::Row;
 use serde::Deserialize;
-use topk_aggregator::batch::{Batch, Counts};
+use topk::counting::batch::{Batch, Counts};
 use topk_aggregator::store::Store;
 
 #[derive(Debug, Row, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

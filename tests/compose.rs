@@ -132,7 +132,8 @@ fn every_role_reads_the_variables_compose_sets() {
             }
         }
     }
-    // The contract's default ports (DESIGN.md, "Defaults"); only the API's beyond this machine.
+    // The contract's default ports (docs/contracts.md, "Defaults"); only the API's beyond this
+    // machine.
     for (service, port) in [
         ("kafka", "127.0.0.1:9092:9092"),
         ("clickhouse", "127.0.0.1:8123:8123"),

@@ -13,19 +13,12 @@ use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
 fn loadgen_args(kafka: &topk::config::KafkaArgs, extra: &[&str]) -> topk_loadgen::LoadgenArgs {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: topk_loadgen::LoadgenArgs,
-    }
     let mut argv = vec![
-        "loadgen".to_owned(),
         format!("--kafka-brokers={}", kafka.brokers),
         format!("--kafka-topic={}", kafka.topic),
     ];
     argv.extend(extra.iter().map(|s| (*s).to_owned()));
-    Cli::parse_from(argv).args
+    common::flags::parse(argv)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -340,7 +340,7 @@ async fn through_the_aggregator(broker: Broker, cases: Vec<Case>) {
     let worker = tokio::spawn(topk_aggregator::run(args, shutdown.clone()));
 
     // The committed offset reaches the end of the partition: nothing stalled it.
-    let committed = wait_for_commit(brokers, &group, topic, end).await;
+    let committed = common::group::wait_for_commit(brokers, &group, topic, end).await;
     shutdown.cancel();
     worker.await.expect("joins").expect("clean shutdown");
     assert_eq!(committed, end);
@@ -375,33 +375,6 @@ async fn through_the_aggregator(broker: Broker, cases: Vec<Case>) {
 
     drop(broker);
     common::drop_database(&clickhouse).await;
-}
-
-/// The group's committed offset of partition 0, once it is at least `end`.
-async fn wait_for_commit(brokers: &str, group: &str, topic: &str, end: i64) -> i64 {
-    // A client of the group that never joins it: it only reads the committed offset.
-    let reader: BaseConsumer = topk::kafka::consumer_config(brokers, group)
-        .create()
-        .expect("consumer");
-    let mut partitions = TopicPartitionList::new();
-    partitions.add_partition(topic, 0);
-    // Bounded only so a stall fails the test instead of hanging it; no timing is asserted.
-    let mut last = None;
-    for _ in 0..600 {
-        let committed = reader
-            .committed_offsets(partitions.clone(), Duration::from_secs(10))
-            .ok()
-            .and_then(|list| match list.find_partition(topic, 0)?.offset() {
-                Offset::Offset(n) => Some(n),
-                _ => None,
-            });
-        if committed.is_some_and(|n| n >= end) {
-            return committed.unwrap();
-        }
-        last = committed.or(last);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("the committed offset stays at {last:?}, never reaching {end}: the partition stalled");
 }
 
 struct Letter {

@@ -205,7 +205,7 @@ async fn exact_top_k_across_rollups_late_plays_and_days() {
         "prune is idempotent"
     );
 
-    let in_window = query.users_in_window(later).await.expect("users");
+    let in_window = common::plays::users_in_window(&client, later).await;
     let expected: Vec<u64> = oracle(&plays, later, 1).into_keys().collect();
     assert_eq!(in_window, expected);
     common::drop_database(&clickhouse).await;
@@ -264,7 +264,7 @@ async fn the_last_minute_of_a_utc_day_is_answered_from_seven_clean_rollups() {
     let query = TopQuery::new(client.clone());
     let mut rng = common::workload::rng("query-2359");
 
-    let today = topk::query::day_of((topk::clock::SystemClock.now_ms() / 1000) as u32);
+    let today = topk::olap::tables::day_of((topk::clock::SystemClock.now_ms() / 1000) as u32);
     let midnight_ms = i64::from(today) * 1000;
     let clock = ManualClock::at(midnight_ms - 60_000 + 17_345);
     let window = Window::at(clock.now_ms());
@@ -353,7 +353,7 @@ async fn a_rolled_up_day_forgets_keys_that_left_its_minutes() {
         ),
         format!(
             "INSERT INTO day_touches (day) VALUES ({})",
-            topk::query::date_literal(day)
+            topk::olap::tables::date_literal(day)
         ),
         "DROP TABLE staging".to_owned(),
     ] {

@@ -7,8 +7,8 @@ use bb8_redis::redis::AsyncCommands;
 #[tokio::test]
 async fn round_trip_through_the_pool() {
     let args = common::redis_args();
-    let pool = topk::cache::pool(&args).expect("pool");
-    let mut conn = pool.get().await.expect("connection");
+    let redis = topk::cache::Redis::connect(&args).expect("redis");
+    let mut conn = redis.get().await.expect("connection");
     let songs = topk::cache::songs_key(&args.prefix, 42);
     let meta = topk::cache::meta_key(&args.prefix, 42);
     let _: () = conn

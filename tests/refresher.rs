@@ -26,8 +26,10 @@ fn settings() -> RefreshSettings {
     RefreshSettings {
         batch_size: 50,
         concurrency: 2,
-        key_ttl: Duration::from_secs(8 * 24 * 3600),
-        tombstone_ttl: Duration::from_millis(300),
+        cache: topk::config::CachePolicyArgs {
+            key_ttl: Duration::from_secs(8 * 24 * 3600),
+            tombstone_ttl: Duration::from_millis(300),
+        },
         touch_margin: Duration::from_secs(120),
         catch_up: Duration::from_secs(3600),
     }
@@ -710,7 +712,10 @@ async fn warmup_and_racing_refreshers_never_regress() {
 
     // Tombstones outlive the test, so that the late warm-up below meets every version.
     let settings = RefreshSettings {
-        tombstone_ttl: Duration::from_secs(600),
+        cache: topk::config::CachePolicyArgs {
+            tombstone_ttl: Duration::from_secs(600),
+            ..settings().cache
+        },
         ..settings()
     };
     let refresh = Refresh::new(env.client.clone(), env.redis.clone(), prefix, &settings);

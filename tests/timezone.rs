@@ -8,99 +8,18 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::plays::{MINUTE, Play, oracle};
+use common::private_clickhouse::PrivateClickHouse;
 use rand::Rng;
 use topk::clock::{Clock, ManualClock};
-use topk::config::ClickHouseArgs;
-use topk::query::{TopQuery, day_of};
+use topk::olap::tables::day_of;
+use topk::query::TopQuery;
 use topk::window::Window;
 use topk_aggregator::store::Store;
 
 const TIMEZONE: &str = "Asia/Kolkata";
-
-/// A private `clickhouse-server` on free ports with the given `<timezone>`, killed on drop.
-struct PrivateClickHouse {
-    child: Child,
-    http_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateClickHouse {
-    /// The same configuration as `scripts/stack` writes, but for the timezone.
-    async fn start(timezone: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().display();
-        let (http_port, tcp_port) = (common::free_port(), common::free_port());
-        let config = format!(
-            "<yandex>
-    <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog></logger>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http_port}</http_port>
-    <tcp_port>{tcp_port}</tcp_port>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>{timezone}</timezone>
-    <mark_cache_size>67108864</mark_cache_size>
-</yandex>
-"
-        );
-        let users = "<yandex>
-    <profiles><default></default></profiles>
-    <users><default><password></password><networks><ip>127.0.0.1</ip></networks>
-        <profile>default</profile><quota>default</quota></default></users>
-    <quotas><default></default></quotas>
-</yandex>
-";
-        std::fs::write(dir.path().join("config.xml"), config).expect("config.xml");
-        std::fs::write(dir.path().join("users.xml"), users).expect("users.xml");
-        let child = Command::new("/usr/sbin/clickhouse-server")
-            .arg(format!("--config-file={d}/config.xml"))
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("clickhouse-server runs");
-        let mut server = PrivateClickHouse {
-            child,
-            http_port,
-            _dir: dir,
-        };
-        let client = topk::olap::server_client(&server.args("default"));
-        for _ in 0..600 {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                let log = std::fs::read_to_string(server._dir.path().join("error.log"));
-                panic!("private clickhouse-server exited ({status}): {log:?}");
-            }
-            if topk::olap::ping(&client).await.is_ok() {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("private clickhouse-server did not answer");
-    }
-
-    fn args(&self, database: &str) -> ClickHouseArgs {
-        ClickHouseArgs {
-            url: format!("http://127.0.0.1:{}", self.http_port),
-            ..common::clickhouse_args(database)
-        }
-    }
-}
-
-impl Drop for PrivateClickHouse {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn yyyymmdd(secs: u32) -> String {
     let date = time::OffsetDateTime::from_unix_timestamp(i64::from(secs))
@@ -234,7 +153,7 @@ async fn days_are_utc_days_on_a_server_in_another_timezone() {
         let day = day_of(minute);
         if full_days.contains(&day) {
             *expected_days
-                .entry(topk::query::date_literal(day))
+                .entry(topk::olap::tables::date_literal(day))
                 .or_default() += 1;
         }
     }
@@ -275,10 +194,8 @@ async fn days_are_utc_days_on_a_server_in_another_timezone() {
             );
         }
     }
-    let in_window: BTreeSet<u64> = query
-        .users_in_window(window)
+    let in_window: BTreeSet<u64> = common::plays::users_in_window(&client, window)
         .await
-        .expect("users in window")
         .into_iter()
         .collect();
     assert_eq!(

@@ -8,6 +8,12 @@ use futures::future::join_all;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureRecord;
 
+// Self-contained modules of the tests' common folder, shared rather than copied.
+#[path = "../../tests/common/flags.rs"]
+pub mod flags;
+#[path = "../../tests/common/group.rs"]
+pub mod group;
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -62,6 +68,30 @@ pub async fn generate_minute_rows(
         .execute()
         .await
         .expect("generate");
+}
+
+/// Rolls up every day the minute rows touch, as maintenance does once they are written (their
+/// day touches first, then the rollup once those are over a second old), and merges the minute
+/// table: what a long-running deployment reads. Returns how many days were rolled up.
+pub async fn roll_up_and_merge(client: &clickhouse::Client) -> usize {
+    client
+        .query(
+            "INSERT INTO day_touches (day, touched_at) \
+             SELECT DISTINCT toDate(minute), now() - 5 FROM plays_minute",
+        )
+        .execute()
+        .await
+        .expect("day touches");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let rolled = topk_maintenance::rollup(client, &topk::clock::SystemClock, false)
+        .await
+        .expect("rollup");
+    client
+        .query("OPTIMIZE TABLE plays_minute FINAL")
+        .execute()
+        .await
+        .expect("optimize");
+    rolled.days.len()
 }
 
 /// Produces `events` valid plays of `users` users and 10,000 songs spread over the last hour;

@@ -10,9 +10,15 @@ use std::sync::OnceLock;
 use rand::Rng;
 use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
-/// A name nobody else uses: `<prefix>_<random>`.
+pub mod api_poller;
+pub mod flags;
+pub mod group;
 pub mod plays;
+pub mod private_clickhouse;
+pub mod private_process;
 pub mod private_redis;
+pub mod private_stack;
+pub mod roles;
 pub mod workload;
 
 /// `TOPK_TEST_SCALE` (default 1, at least 1): multiplies the work of the tests that read it; CI
@@ -51,6 +57,19 @@ pub fn is_cargo_package_var(name: &str) -> bool {
         || name == "CARGO_TARGET_TMPDIR"
 }
 
+/// Cargo's package variables (see [`is_cargo_package_var`]) and the shared stack's `TOPK_…`
+/// variables, which would point a role at the shared services wherever a flag is missing: gone
+/// from the environment of a child that runs against a private stack.
+pub fn scrub_env(command: &mut tokio::process::Command) {
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if is_cargo_package_var(&name) || name.starts_with("TOPK_") {
+            command.env_remove(name.as_ref());
+        }
+    }
+}
+
+/// A name nobody else uses: `<prefix>_<random>`.
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::rng().random();
     format!("{prefix}_{n:016x}")
@@ -172,31 +191,44 @@ pub fn topk_bin() -> PathBuf {
     .clone()
 }
 
+/// `topk <args…>` with `RUST_LOG=info`, its stdout discarded and its stderr in `log`, killed
+/// (`kill -9`) when its child is dropped: to add to, then spawn or run.
+pub fn topk_command<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    log: &std::path::Path,
+) -> tokio::process::Command {
+    let log = std::fs::File::create(log).expect("log file");
+    let mut command = tokio::process::Command::new(topk_bin());
+    command
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    command
+}
+
 /// Starts `topk <args…>` as a child process with `RUST_LOG=info` and its stderr in `log`;
 /// `kill -9` on drop.
 pub fn spawn_topk<S: AsRef<std::ffi::OsStr>>(
     args: &[S],
     log: &std::path::Path,
 ) -> tokio::process::Child {
-    let log = std::fs::File::create(log).expect("log file");
-    tokio::process::Command::new(topk_bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("topk starts")
+    topk_command(args, log).spawn().expect("topk starts")
+}
+
+/// Sends the signal `name` (`TERM`, `STOP`, `CONT`…, without the dash) to the process `pid`.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// Sends SIGTERM to a `topk` child and asserts that it exits cleanly within a minute.
 pub async fn terminate(mut child: tokio::process::Child) {
-    let pid = child.id().expect("running").to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    signal(child.id().expect("running"), "TERM");
     let exit = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
         .await
         .expect("exits")
@@ -225,14 +257,7 @@ pub fn aggregator_args(
     clickhouse: &ClickHouseArgs,
     extra: &[&str],
 ) -> topk_aggregator::AggregatorArgs {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: topk_aggregator::AggregatorArgs,
-    }
     let mut argv = vec![
-        "topk-aggregate".to_owned(),
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
         format!("--clickhouse-url={}", clickhouse.url),
@@ -242,5 +267,5 @@ pub fn aggregator_args(
         argv.push(format!("--group={}", unique("aggregator")));
     }
     argv.extend(extra.iter().map(|s| (*s).to_owned()));
-    Cli::parse_from(argv).args
+    flags::parse(argv)
 }

@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use topk::counting::batch::Batch;
 use topk::window::{RankedSong, Window, rank};
-use topk_aggregator::batch::Batch;
 use topk_aggregator::store::Store;
 
 pub const MINUTE: i64 = 60_000;
@@ -62,4 +62,32 @@ pub async fn flush(store: &Store, plays: &[Play], first_offset: u64) {
         .write_user_touches(&[&batch])
         .await
         .expect("user touches");
+}
+
+/// Every user's exact answer from plays per (user, song): ranked and cut as the API answers
+/// at its largest limit.
+pub fn ranked(
+    totals: impl IntoIterator<Item = ((u64, u64), u64)>,
+) -> BTreeMap<u64, Vec<RankedSong>> {
+    let mut per_user: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    for ((user, song), plays) in totals {
+        per_user.entry(user).or_default().push((song, plays));
+    }
+    per_user
+        .into_iter()
+        .map(|(user, plays)| (user, rank(plays, topk::window::MAX_LIMIT)))
+        .collect()
+}
+
+/// Every user with at least one row in `plays_minute` inside `window`, ascending.
+pub async fn users_in_window(client: &clickhouse::Client, window: Window) -> Vec<u64> {
+    let (start, end) = (window.start, window.end);
+    client
+        .query(&format!(
+            "SELECT DISTINCT user_id FROM plays_minute \
+             WHERE minute >= toDateTime({start}) AND minute < toDateTime({end}) ORDER BY user_id"
+        ))
+        .fetch_all::<u64>()
+        .await
+        .expect("users in window")
 }
