@@ -4,9 +4,9 @@
 //! then the message value. Shorter inputs are a value alone, produced at a fixed instant.
 //!
 //! Properties: `validate` never panics, whatever the bytes; an accepted event is what the
-//! contract (DESIGN.md, `src/event.rs`) says a countable play is, checked against an independent
-//! reading of the same bytes with `serde_json::Value`; and its own JSON encoding is accepted as
-//! the same event (what the aggregator counts is what the payload said).
+//! contract (docs/contracts.md, "Play event"; `src/event.rs`) says a countable play is, checked
+//! against an independent reading of the same bytes with `serde_json::Value`; and its own JSON
+//! encoding is accepted as the same event (what the aggregator counts is what the payload said).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
