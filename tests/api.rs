@@ -562,7 +562,7 @@ async fn jwt_auth() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["songs"], songs_json(&expected[&2]));
     // One listener's answer: no shared cache may keep it or give it to another token.
-    assert_eq!(headers[header::CACHE_CONTROL], "private");
+    assert_eq!(headers[header::CACHE_CONTROL], "private, max-age=60");
     assert_eq!(headers[header::VARY], "authorization");
     let (status, _, body) = get(&app, "/v1/me/top-songs", Some(&own)).await;
     assert_eq!((status, &body["user_id"]), (StatusCode::OK, &json!(2)));
@@ -956,9 +956,27 @@ async fn openapi_documents_every_response() {
     };
     assert_eq!(
         codes("/v1/users/{user_id}/top-songs"),
-        ["200", "400", "401", "403", "404", "503"]
+        ["200", "304", "400", "401", "403", "404", "503"]
     );
-    assert_eq!(codes("/v1/me/top-songs"), ["200", "400", "401", "503"]);
+    assert_eq!(
+        codes("/v1/me/top-songs"),
+        ["200", "304", "400", "401", "503"]
+    );
+    for path in ["/v1/users/{user_id}/top-songs", "/v1/me/top-songs"] {
+        let ok = &doc["paths"][path]["get"]["responses"]["200"]["headers"];
+        for name in ["ETag", "Cache-Control", "Vary"] {
+            assert!(ok[name].is_object(), "{path}: 200 documents {name}");
+        }
+        let params = doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .expect("parameters");
+        assert!(
+            params
+                .iter()
+                .any(|p| p["name"] == "If-None-Match" && p["in"] == "header"),
+            "{path}: If-None-Match documented"
+        );
+    }
     assert_eq!(codes("/healthz"), ["200"]);
     assert_eq!(codes("/readyz"), ["200", "503"]);
     assert_eq!(
@@ -1097,30 +1115,9 @@ async fn a_version_from_the_future_in_redis_is_overwritten_not_served() {
     let user = 9;
     seed_plays_per_song(&clickhouse, user, now, &[(7, 3), (8, 1)]).await;
     let redis = common::redis_args();
-    let mut conn = Redis::connect(&redis)
-        .expect("pool")
-        .get()
-        .await
-        .expect("conn");
-    let target = Target {
-        prefix: redis.prefix.clone(),
-        ttl: Duration::from_secs(600),
-        tombstone_ttl: Duration::from_secs(600),
-    };
     let poison = rank(vec![(666, 1_000)], MAX_LIMIT);
     let ten_years_ms = 10 * 365 * DAY;
-    let stored = replace(
-        &mut conn,
-        &target,
-        &Answer {
-            user_id: user,
-            songs: &poison,
-        },
-        Window::at(now + ten_years_ms),
-        now + ten_years_ms,
-    )
-    .await
-    .expect("replace");
+    let stored = store_answer(&redis, user, &poison, now + ten_years_ms).await;
     assert_eq!(stored, Outcome::Written);
 
     let app = state(&redis, &clickhouse, now, settings(), None);
@@ -1254,4 +1251,148 @@ async fn misses_beyond_the_olap_bound_are_shed_at_once() {
         accepted.load(std::sync::atomic::Ordering::SeqCst) <= 4,
         "{accepted:?}"
     );
+}
+
+/// Stores `songs` as `user`'s answer computed at `computed_at_ms` (and its window), as the
+/// refresher would.
+async fn store_answer(
+    redis: &RedisArgs,
+    user: u64,
+    songs: &[RankedSong],
+    computed_at_ms: i64,
+) -> Outcome {
+    let mut conn = Redis::connect(redis)
+        .expect("pool")
+        .get()
+        .await
+        .expect("conn");
+    let target = Target {
+        prefix: redis.prefix.clone(),
+        ttl: Duration::from_secs(600),
+        tombstone_ttl: Duration::from_secs(600),
+    };
+    let answer = Answer {
+        user_id: user,
+        songs,
+    };
+    replace(
+        &mut conn,
+        &target,
+        &answer,
+        Window::at(computed_at_ms),
+        computed_at_ms,
+    )
+    .await
+    .expect("replace")
+}
+
+/// One GET through a real socket with curl (`-i`: status line and headers), with extra request
+/// headers: status, headers (names lower-cased), body.
+fn curl(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[&str],
+) -> (u16, BTreeMap<String, String>, String) {
+    let mut command = Command::new("curl");
+    command.args(["-s", "-i"]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let out = command
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// HTTP caching: every answer has a strong `ETag` that changes exactly when its JSON does, an
+/// `If-None-Match` naming it (exactly, weakly, in a list, or `*`) gets `304` without a body, and
+/// `Cache-Control` lets the browser (not a shared cache) reuse it for `--answer-max-age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_an_etag_and_revalidate_with_304() {
+    let (clickhouse, now, window, plays) = seeded(3).await;
+    let expected = oracle(&plays, window, 10);
+    let redis = common::redis_args();
+    let mut tuned = settings();
+    tuned.answer_max_age = Duration::from_secs(90);
+    let server = Server::start(state(&redis, &clickhouse, now, tuned, None)).await;
+    let addr = server.addr;
+    let path = "/v1/users/2/top-songs";
+    let run = |path: &'static str, headers: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            curl(addr, path, &headers)
+        })
+    };
+
+    // The miss computes from ClickHouse and writes back; from then on the cached answer.
+    let (status, _, _) = run(path, vec![]).await.expect("joined");
+    assert_eq!(status, 200);
+    let (status, headers, body) = run(path, vec![]).await.expect("joined");
+    assert_eq!(status, 200, "{body}");
+    let parsed: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(parsed["songs"], songs_json(&expected[&2]));
+    assert_eq!(parsed["source"], "cache");
+    assert_eq!(headers["cache-control"], "private, max-age=90");
+    assert_eq!(headers["vary"], "authorization");
+    let etag = headers["etag"].clone();
+    assert_eq!(
+        etag,
+        format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body.as_bytes())),
+        "a strong tag of the body's bytes"
+    );
+    let (status, headers, again) = run(path, vec![]).await.expect("joined");
+    assert_eq!((status, &headers["etag"], &again), (200, &etag, &body));
+
+    for condition in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"0000000000000000\", {etag}"),
+        "*".to_owned(),
+    ] {
+        let (status, headers, body) = run(path, vec![format!("If-None-Match: {condition}")])
+            .await
+            .expect("joined");
+        assert_eq!(status, 304, "If-None-Match: {condition}");
+        assert_eq!(body, "", "a 304 has no body");
+        assert_eq!(headers["etag"], etag);
+        assert_eq!(headers["cache-control"], "private, max-age=90");
+    }
+    let stale_tag = "If-None-Match: \"0000000000000000\"".to_owned();
+    let (status, headers, other) = run(path, vec![stale_tag]).await.expect("joined");
+    assert_eq!((status, &headers["etag"], &other), (200, &etag, &body));
+
+    // Another limit is another answer: another tag.
+    let (status, headers, _) = run("/v1/users/2/top-songs?limit=2", vec![])
+        .await
+        .expect("joined");
+    assert_eq!(status, 200);
+    assert_ne!(headers["etag"], etag);
+
+    // A newer answer in Redis (the refresher's next computation): a new tag, and the old one
+    // no longer revalidates.
+    let newer = rank(vec![(31, 5)], MAX_LIMIT);
+    let written = store_answer(&redis, 2, &newer, now + 1_000).await;
+    assert_eq!(written, Outcome::Written);
+    let (status, headers, changed) = run(path, vec![format!("If-None-Match: {etag}")])
+        .await
+        .expect("joined");
+    assert_eq!(status, 200, "the answer changed: {changed}");
+    let parsed: Value = serde_json::from_str(&changed).expect("json");
+    assert_eq!(parsed["songs"], songs_json(&newer[..1]));
+    assert_ne!(headers["etag"], etag);
+    server.stop().await;
+    common::drop_database(&clickhouse).await;
 }

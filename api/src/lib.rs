@@ -67,6 +67,11 @@ pub struct ApiSettings {
     /// refresher goes unnoticed, at one ClickHouse query per read user per max age.
     #[arg(long, env = "TOPK_API_MAX_AGE", default_value = "1h", value_parser = topk::config::duration)]
     pub max_age: Duration,
+    /// `Cache-Control: private, max-age=…` of an answer: how long a browser may reuse it before
+    /// it revalidates with its `ETag` (`304` while the answer is unchanged). Set it to the
+    /// refresher's `--refresh-interval`: an answer changes at most that often.
+    #[arg(long, env = "TOPK_API_ANSWER_MAX_AGE", default_value = "60s", value_parser = topk::config::duration_in_seconds)]
+    pub answer_max_age: Duration,
     /// How long an answer written back is kept (`--key-ttl`, `--tombstone-ttl`: the refresher's
     /// policy, the same flags and variables).
     #[command(flatten)]
@@ -188,6 +193,8 @@ pub struct Inner {
     /// The last readiness result and when it was taken (`/readyz` answers from it for
     /// `top::READINESS_TTL`).
     pub readiness: tokio::sync::Mutex<Option<(std::time::Instant, top::Ready)>>,
+    /// The answers' `Cache-Control` (from `--answer-max-age`).
+    pub cache_control: axum::http::HeaderValue,
 }
 
 impl std::fmt::Debug for AppState {
@@ -210,6 +217,11 @@ impl AppState {
         auth: Option<auth::Auth>,
     ) -> Self {
         let settings_olap_slots = settings.max_olap_in_flight as usize;
+        let cache_control = axum::http::HeaderValue::from_str(&format!(
+            "private, max-age={}",
+            settings.answer_max_age.as_secs()
+        ))
+        .expect("digits are a valid header value");
         // ClickHouse stops a computation the API has given up on (the client's deadline alone
         // leaves the query running on the server).
         let max_execution_secs = settings.olap_timeout.as_secs().max(1).to_string();
@@ -225,6 +237,7 @@ impl AppState {
             metrics: observe::Metrics::install(),
             readiness: tokio::sync::Mutex::new(None),
             olap_slots: Semaphore::new(settings_olap_slots),
+            cache_control,
         }))
     }
 }

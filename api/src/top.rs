@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::header::{CACHE_CONTROL, VARY};
+use axum::http::header::{CACHE_CONTROL, ETAG, IF_NONE_MATCH, VARY};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -72,10 +72,19 @@ pub fn limit_of(
         ("user_id" = u64, Path, description = "The user (unsigned 64-bit integer)."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 50,
          description = "How many songs (default 10)."),
+        ("If-None-Match" = Option<String>, Header,
+         description = "ETags of answers the client holds (`*`, weak tags compared weakly): `304` when one is current."),
     ),
     security((), ("bearer" = [])),
     responses(
-        (status = 200, description = "The user's top songs of the rolling 7-day window.", body = TopSongs),
+        (status = 200, description = "The user's top songs of the rolling 7-day window.", body = TopSongs,
+         headers(
+            ("ETag" = String, description = "A strong tag of this answer: it changes exactly when the answer does."),
+            ("Cache-Control" = String, description = "`private, max-age=<--answer-max-age seconds>`: browsers may reuse it, shared caches may not store it."),
+            ("Vary" = String, description = "`authorization`."),
+         )),
+        (status = 304, description = "Not modified: `If-None-Match` names the current answer's ETag. No body.",
+         headers(("ETag" = String, description = "The current answer's tag."), ("Cache-Control" = String, description = "As for 200."))),
         (status = 400, description = "Malformed user id or limit.", body = crate::error::ErrorBody),
         (status = 401, description = "Authentication is on and the token is missing, malformed or expired.", body = crate::error::ErrorBody),
         (status = 403, description = "The token is for another user and lacks the admin scope.", body = crate::error::ErrorBody),
@@ -97,7 +106,7 @@ pub async fn user_top_songs(
     if let Some(auth) = &state.0.auth {
         auth::authorize(&auth.caller(&headers)?, user_id)?;
     }
-    respond(&state.0, user_id, limit).await
+    respond(&state.0, user_id, limit, &headers).await
 }
 
 /// The top songs of the token's own user (authentication must be on).
@@ -108,10 +117,19 @@ pub async fn user_top_songs(
     params(
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 50,
          description = "How many songs (default 10)."),
+        ("If-None-Match" = Option<String>, Header,
+         description = "ETags of answers the client holds (`*`, weak tags compared weakly): `304` when one is current."),
     ),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The token subject's top songs.", body = TopSongs),
+        (status = 200, description = "The token subject's top songs.", body = TopSongs,
+         headers(
+            ("ETag" = String, description = "A strong tag of this answer: it changes exactly when the answer does."),
+            ("Cache-Control" = String, description = "`private, max-age=<--answer-max-age seconds>`: browsers may reuse it, shared caches may not store it."),
+            ("Vary" = String, description = "`authorization`."),
+         )),
+        (status = 304, description = "Not modified: `If-None-Match` names the current answer's ETag. No body.",
+         headers(("ETag" = String, description = "The current answer's tag."), ("Cache-Control" = String, description = "As for 200."))),
         (status = 400, description = "Malformed limit.", body = crate::error::ErrorBody),
         (status = 401, description = "No valid token, a token without a user (`sub`), or authentication is off.", body = crate::error::ErrorBody),
         (status = 503, description = "Neither Redis nor ClickHouse could answer in time.", body = crate::error::ErrorBody,
@@ -133,19 +151,59 @@ pub async fn my_top_songs(
         .user_id
         .ok_or_else(|| AppError::Unauthorized("the token has no `sub` user id".to_owned()))?;
     let limit = limit_of(query)?;
-    respond(&state.0, user_id, limit).await
+    respond(&state.0, user_id, limit, &headers).await
 }
 
-async fn respond(state: &Inner, user_id: u64, limit: usize) -> Result<Response, AppError> {
+async fn respond(
+    state: &Inner,
+    user_id: u64,
+    limit: usize,
+    request: &HeaderMap,
+) -> Result<Response, AppError> {
     let (answer, source) = answer(state, user_id, limit).await?;
-    let mut response = Json(answer).into_response();
-    // One listener's answer, and (with auth on) only for its own token: no shared cache (a CDN,
-    // a corporate proxy) may store it or hand it to another client.
+    // Numbers and strings only: serializing cannot fail.
+    let body = serde_json::to_vec(&answer).expect("an answer serializes");
+    let etag = etag_of(&body);
+    let mut response = if if_none_match(request, &etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    };
     let headers = response.headers_mut();
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("private"));
+    // One listener's answer, and (with auth on) only for its own token: no shared cache (a CDN,
+    // a corporate proxy) may store it or hand it to another client. The browser may reuse it for
+    // one refresh interval, then revalidates with the ETag.
+    headers.insert(CACHE_CONTROL, state.cache_control.clone());
     headers.insert(VARY, HeaderValue::from_static("authorization"));
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        headers.insert(ETAG, value);
+    }
     response.extensions_mut().insert(source);
     Ok(response)
+}
+
+/// A strong entity tag of an answer's bytes: it changes exactly when the JSON does (a new
+/// computation, another window, another limit).
+fn etag_of(body: &[u8]) -> String {
+    format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body))
+}
+
+/// Whether `If-None-Match` names `etag` (weak comparison, RFC 9110 13.1.2), or is `*`.
+fn if_none_match(request: &HeaderMap, etag: &str) -> bool {
+    request
+        .get_all(IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
 }
 
 /// Why a dependency gave no answer: it failed, or it did not answer within its deadline.
