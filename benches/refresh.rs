@@ -1,6 +1,8 @@
 //! Refresh benchmark: users refreshed per second by the refresher (batch query in chunks,
 //! guarded script writes) against a baseline that queries ClickHouse once per user and writes
-//! the same script, same data, same run, same concurrency.
+//! the same script, same data, same run, same concurrency; then the ClickHouse bytes a
+//! steady-state cycle reads (issue 17's baseline: does a cycle cost what changed, or what is
+//! stored?).
 //!
 //! ```sh
 //! scripts/stack up && eval "$(scripts/stack env)"
@@ -14,16 +16,34 @@
 //! marked touched, so one refresher cycle recomputes all of them; keys get a 10-minute TTL.
 //! `TOPK_BENCH_KEEP=1` keeps the ClickHouse database for a closer look;
 //! `TOPK_BENCH_REDIS_CLUSTER=1` writes to the stack's Redis Cluster.
+//!
+//! Bytes per cycle (`"cycle_reads"` in the JSON): a second refresher, on a client that logs
+//! its queries (`log_queries=1`, a unique product name in its User-Agent, so
+//! `system.query_log` holds its queries and nobody else's), runs `TOPK_BENCH_CYCLES` (3) cycles
+//! after a first one that only sets its cursors. Before each, `TOPK_BENCH_TOUCHED` (1,000)
+//! users spread over the id range get a touch and its injected clock moves
+//! `TOPK_BENCH_MOVE_MINUTES` (1) minutes, as between two cycles of `topk refresh` at a
+//! one-minute interval; so each cycle recomputes the same number of touched users plus those
+//! whose plays left the window in that minute (those grow with the users). Its touch margin is
+//! 0, so that each cycle reads only its own touches. From `system.query_log` (QueryFinish
+//! rows, after `SYSTEM FLUSH LOGS`) each cycle's `read_rows`, `read_bytes` and `result_rows`
+//! are summed per part: `moved` (the ageing scan, `changes::moved`), `touched`
+//! (`changes::touched_since`), `recompute` (the batch query and its clean-days lookup) and
+//! `server_now`. The summary (`"per_cycle"`) is the median cycle of each part. Run it at two
+//! sizes (e.g. the default and `TOPK_BENCH_USERS=1000000`) and compare: bytes that grow with
+//! the table at the same number of changed users are the cost issue 17 removes.
+//!
 //! Prints one JSON line.
 
 mod common;
 
 use common::env_or;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use topk::cache::{Answer, Target, replace};
-use topk::clock::{Clock, SystemClock};
+use topk::clock::{Clock, ManualClock, SystemClock};
 use topk::query::TopQuery;
 use topk::window::{MAX_LIMIT, Window};
 use topk_refresher::{RefreshSettings, Refresher};
@@ -59,9 +79,12 @@ async fn main() {
     let window = Window::at(now);
     common::generate_minute_rows(&client, window, users, rows).await;
     common::roll_up_and_merge(&client).await;
+    // Ten minutes old: inside the first cycle's catch-up, outside the touch reads of the
+    // bytes-per-cycle refresher below.
     client
         .query(&format!(
-            "INSERT INTO user_touches (user_id) SELECT number + 1 FROM numbers({users})"
+            "INSERT INTO user_touches (user_id, touched_at) \
+             SELECT number + 1, now() - 600 FROM numbers({users})"
         ))
         .execute()
         .await
@@ -162,6 +185,8 @@ async fn main() {
         .await;
     let baseline_s = t.elapsed().as_secs_f64();
 
+    let cycle_reads = cycle_reads(&args, &redis, &redis_args.prefix, &settings, users).await;
+
     if std::env::var_os("TOPK_BENCH_KEEP").is_none() {
         common::drop_database(&args).await;
     } else {
@@ -185,6 +210,163 @@ async fn main() {
             "per_user_baseline": {"users": sample.len(), "seconds": round2(baseline_s), "users_per_s": base.round()},
             "ratio_refresher_over_baseline": round2(ours / base),
             "redis_bytes_per_cached_user": bytes_per_user,
+            "cycle_reads": cycle_reads,
         })
     );
+}
+
+/// One part's reads in one cycle, summed over its queries (`system.query_log`, QueryFinish).
+#[derive(Debug, Default, Clone, Copy, clickhouse::Row, serde::Deserialize, serde::Serialize)]
+struct PartReads {
+    queries: u64,
+    read_rows: u64,
+    read_bytes: u64,
+    result_rows: u64,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct LoggedPart {
+    part: String,
+    queries: u64,
+    read_rows: u64,
+    read_bytes: u64,
+    result_rows: u64,
+}
+
+/// The parts of a cycle, by the text of the refresher's queries (`changes`, `topk::query`).
+const PARTS: &str = "multiIf(\
+    position(query, 'FROM user_touches') > 0, 'touched', \
+    position(query, 'SELECT DISTINCT user_id FROM plays_minute') > 0, 'moved', \
+    position(query, 'toUInt32(now())') > 0, 'server_now', \
+    'recompute')";
+
+/// Steady-state cycles of a refresher whose queries are logged, and what each read from
+/// ClickHouse (see the header). Returns the JSON of `"cycle_reads"`.
+async fn cycle_reads(
+    args: &topk::config::ClickHouseArgs,
+    redis: &topk::cache::Redis,
+    prefix: &str,
+    settings: &RefreshSettings,
+    users: u64,
+) -> serde_json::Value {
+    let touched: u64 = env_or("TOPK_BENCH_TOUCHED", 1_000).clamp(1, users);
+    let cycles: usize = env_or("TOPK_BENCH_CYCLES", 3).max(1);
+    let move_minutes: i64 = env_or("TOPK_BENCH_MOVE_MINUTES", 1);
+    let marker = common::unique("topk-bench-reads");
+    let plain = topk::olap::client(args);
+    let logged = topk::olap::client(args)
+        .with_setting("log_queries", "1")
+        .with_product_info(marker.as_str(), "1");
+    let settings = RefreshSettings {
+        touch_margin: Duration::ZERO,
+        catch_up: Duration::ZERO,
+        ..settings.clone()
+    };
+    let mut refresher =
+        Refresher::new(logged, redis.clone(), &format!("{prefix}_reads"), &settings);
+    let clock = ManualClock::at(SystemClock.now_ms());
+    // No catch-up: the first cycle only sets the cursors (no touch since now, no movement).
+    let first = refresher.cycle(&clock).await.expect("first cycle");
+    assert_eq!(first.users, 0, "the first cycle has nothing to do");
+    let server_now = || async {
+        topk::olap::server_client(args)
+            .query("SELECT toUInt32(now())")
+            .fetch_one::<u32>()
+            .await
+            .expect("server clock")
+    };
+    // A cycle's queries start within [from, to] of the server clock; the pauses of a second
+    // keep the ranges of two cycles (and the touches' seconds) apart.
+    let stride = (users / touched).max(1);
+    let mut ranges = Vec::with_capacity(cycles);
+    let mut changed = Vec::with_capacity(cycles);
+    for k in 0..cycles as u64 {
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        plain
+            .query(&format!(
+                "INSERT INTO user_touches (user_id) \
+                 SELECT (number * {stride} + {k}) % {users} + 1 FROM numbers({touched})"
+            ))
+            .execute()
+            .await
+            .expect("touches");
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        clock.advance_ms(move_minutes * 60_000);
+        let from = server_now().await;
+        let report = refresher.cycle(&clock).await.expect("cycle");
+        let to = server_now().await;
+        assert!(report.refreshed.failed.is_empty(), "no chunk may fail");
+        ranges.push((from, to));
+        changed.push(report.users as u64);
+    }
+
+    let server = topk::olap::server_client(args);
+    server
+        .query("SYSTEM FLUSH LOGS")
+        .execute()
+        .await
+        .expect("flush logs");
+    let mut per_cycle: Vec<BTreeMap<String, PartReads>> = Vec::with_capacity(cycles);
+    for &(from, to) in &ranges {
+        let rows: Vec<LoggedPart> = server
+            .query(&format!(
+                "SELECT {PARTS} AS part, count() AS queries, sum(read_rows) AS read_rows, \
+                        sum(read_bytes) AS read_bytes, sum(result_rows) AS result_rows \
+                 FROM system.query_log \
+                 WHERE event_date >= yesterday() AND type = 2 \
+                   AND position(http_user_agent, '{marker}') > 0 \
+                   AND query_start_time >= toDateTime({from}) \
+                   AND query_start_time <= toDateTime({to}) \
+                 GROUP BY part"
+            ))
+            .fetch_all()
+            .await
+            .expect("query log");
+        let mut parts: BTreeMap<String, PartReads> =
+            ["moved", "touched", "recompute", "server_now"]
+                .iter()
+                .map(|p| (p.to_string(), PartReads::default()))
+                .collect();
+        for row in rows {
+            parts.insert(
+                row.part,
+                PartReads {
+                    queries: row.queries,
+                    read_rows: row.read_rows,
+                    read_bytes: row.read_bytes,
+                    result_rows: row.result_rows,
+                },
+            );
+        }
+        let total = parts.values().fold(PartReads::default(), |a, p| PartReads {
+            queries: a.queries + p.queries,
+            read_rows: a.read_rows + p.read_rows,
+            read_bytes: a.read_bytes + p.read_bytes,
+            result_rows: a.result_rows + p.result_rows,
+        });
+        parts.insert("total".into(), total);
+        per_cycle.push(parts);
+    }
+    // The median cycle of each part (the cycles differ only by which users they touch).
+    let median: BTreeMap<&str, PartReads> = per_cycle[0]
+        .keys()
+        .map(|part| {
+            let mut of_part: Vec<PartReads> = per_cycle.iter().map(|c| c[part]).collect();
+            of_part.sort_by_key(|p| p.read_bytes);
+            (part.as_str(), of_part[of_part.len() / 2])
+        })
+        .collect();
+    for (part, reads) in &median {
+        eprintln!(
+            "cycle reads, {part}: {} bytes, {} rows, {} queries, {} result rows",
+            reads.read_bytes, reads.read_rows, reads.queries, reads.result_rows
+        );
+    }
+    serde_json::json!({
+        "touched_per_cycle": touched,
+        "window_move_minutes": move_minutes,
+        "changed_users": changed,
+        "per_cycle": median,
+        "cycles": per_cycle,
+    })
 }
