@@ -54,16 +54,6 @@ impl<T: Recorded> Cuts<T> {
     pub fn clear(&mut self) {
         self.ahead.clear();
     }
-
-    /// How many ranges are still ahead.
-    pub fn len(&self) -> usize {
-        self.ahead.len()
-    }
-
-    /// Whether no range is ahead.
-    pub fn is_empty(&self) -> bool {
-        self.ahead.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -79,14 +69,17 @@ mod tests {
     #[test]
     fn a_cut_is_taken_only_where_it_starts_and_passed_ranges_go() {
         let mut cuts = Cuts::new(vec![(10, 20), (20, 30), (40, 50)]);
+        // Nothing starts at 5, and nothing ahead is passed by it.
         assert_eq!(cuts.take_starting_at(5), None);
-        assert_eq!(cuts.len(), 3);
         assert_eq!(cuts.take_starting_at(10), Some((10, 20)));
         // 20..30 was cut across (a batch opened at 25): passed for good.
         assert_eq!(cuts.take_starting_at(25), None);
-        assert_eq!(cuts.len(), 1);
+        assert_eq!(cuts.take_starting_at(20), None);
         assert_eq!(cuts.take_starting_at(40), Some((40, 50)));
-        assert!(cuts.is_empty());
         assert_eq!(cuts.take_starting_at(60), None);
+        // Another history of the topic: what is ahead is forgotten.
+        let mut cuts = Cuts::new(vec![(10, 20)]);
+        cuts.clear();
+        assert_eq!(cuts.take_starting_at(10), None);
     }
 }

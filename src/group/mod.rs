@@ -163,11 +163,6 @@ impl<C: ConsumerContext + 'static> Member<C> {
         self.consumer.context()
     }
 
-    /// Whether fetching is paused on the assignment.
-    pub fn paused(&self) -> bool {
-        self.paused
-    }
-
     /// Pauses or resumes fetching on every assigned partition (backpressure). librdkafka drops
     /// what it prefetched for paused partitions and fetches again from the consumed position on
     /// resume. Returns whether the state changed.

@@ -15,7 +15,7 @@ pub(crate) struct Core {
     /// the generation it took them from, and puts them back only into that generation (fencing:
     /// a flush that outlives its partitions writes nothing more of them).
     pub(crate) generations: HashMap<i32, u64>,
-    pub(crate) next_generation: u64,
+    next_generation: u64,
     /// Until when (this host's monotonic clock) an intent insert already sent may still be
     /// applied by the server; `None` when none is unsettled. A revoke lets its partitions go only
     /// after this instant, so no intent of theirs can land after the handover.
@@ -23,8 +23,8 @@ pub(crate) struct Core {
     /// Bytes of all partitions' state, and the part of it a flush can free: kept current by
     /// [`Core::process`] per message and recounted by [`Core::recount`] after anything else
     /// changes the partitions, so the per-message cap check does not walk every partition.
-    pub(crate) bytes: u64,
-    pub(crate) flushable: u64,
+    bytes: u64,
+    flushable: u64,
 }
 
 impl Core {

@@ -156,12 +156,11 @@ impl Role for Aggregating {
                 self.background = None;
                 self.flushed(member, result);
             }
-            Wake::Retry | Wake::Tick => {
-                if matches!(wake, Wake::Retry) {
-                    self.retry.succeeded();
-                }
+            Wake::Retry => {
+                self.retry.succeeded();
                 self.background = Some(spawn_flush(member.consumer()));
             }
+            Wake::Tick => self.background = Some(spawn_flush(member.consumer())),
         }
     }
 
