@@ -41,10 +41,7 @@ async fn measure(flush: &str, refresh: &str, seconds: u64, rate: u32) -> serde_j
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let brokers = broker.bootstrap_servers();
     let topic = unique("fresh_plays");
-    broker.create_topic(&topic, 8).expect("topic");
-    broker
-        .create_topic(&topk::config::dlq_topic(&topic), 8)
-        .expect("dlq");
+    broker.create_plays_topics(&topic, 8).expect("topics");
     let redis_url =
         std::env::var("TOPK_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let clickhouse = common::clickhouse_args("topk_fresh");

@@ -42,10 +42,9 @@ async fn main() {
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let brokers = broker.bootstrap_servers();
     let topic = unique("bench_plays");
-    broker.create_topic(&topic, partitions).expect("topic");
     broker
-        .create_topic(&topk::config::dlq_topic(&topic), partitions)
-        .expect("dlq");
+        .create_plays_topics(&topic, partitions)
+        .expect("topics");
 
     eprintln!("producing {events} events to {partitions} partitions…");
     let produce_secs = common::produce(&brokers, &topic, events, users).await;

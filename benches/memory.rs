@@ -144,10 +144,9 @@ async fn main() {
 
     // The idle process: same binary, empty topic.
     let idle_topic = unique("mem_idle");
-    broker.create_topic(&idle_topic, partitions).expect("topic");
     broker
-        .create_topic(&topk::config::dlq_topic(&idle_topic), partitions)
-        .expect("dlq");
+        .create_plays_topics(&idle_topic, partitions)
+        .expect("topics");
     let idle = spawn_aggregator(&bin, &brokers, &idle_topic, caps[0]);
     topk::migrate::run(&idle.database).await.expect("migrate");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -155,10 +154,9 @@ async fn main() {
     idle.stop().await;
 
     let topic = unique("mem_plays");
-    broker.create_topic(&topic, partitions).expect("topic");
     broker
-        .create_topic(&topk::config::dlq_topic(&topic), partitions)
-        .expect("dlq");
+        .create_plays_topics(&topic, partitions)
+        .expect("topics");
     eprintln!("producing {events} events to {partitions} partitions…");
     let producer = topk::kafka::producer(&brokers).expect("producer");
     let base = topk::clock::Clock::now_ms(&topk::clock::SystemClock) - (events as i64) - 60_000;

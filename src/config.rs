@@ -76,6 +76,25 @@ impl KafkaArgs {
     pub fn dlq_topic(&self) -> String {
         dlq_topic(&self.topic)
     }
+
+    /// The touches topic that belongs to [`KafkaArgs::topic`] (see [`crate::touches`]).
+    pub fn touches_topic(&self) -> String {
+        crate::touches::topic(&self.topic)
+    }
+
+    /// Every topic of a deployment: the plays, their dead letters and their touches.
+    pub fn all_topics(&self) -> [String; 3] {
+        all_topics(&self.topic)
+    }
+}
+
+/// The plays topic `topic`, its dead letters and its touches.
+pub fn all_topics(topic: &str) -> [String; 3] {
+    [
+        topic.to_owned(),
+        dlq_topic(topic),
+        crate::touches::topic(topic),
+    ]
 }
 
 /// The dead-letter topic of `topic`.

@@ -15,6 +15,8 @@
 //! - [`clock`]: the injectable clock ("now" for windows, rollups and retention).
 //! - [`window`]: the rolling 7-day window, ranking and the answer's JSON.
 //! - [`query`]: the exact top-K query over ClickHouse (single user and batch).
+//! - [`touches`]: the users a write of counts changed, published to `<topic>.touches` for the
+//!   refreshers.
 //! - [`telemetry`]: tracing and the Prometheus metrics exporter.
 //! - [`shutdown`]: one cancellation token fired by SIGINT/SIGTERM.
 //!
@@ -33,4 +35,5 @@ pub mod olap;
 pub mod query;
 pub mod shutdown;
 pub mod telemetry;
+pub mod touches;
 pub mod window;

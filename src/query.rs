@@ -10,6 +10,11 @@
 //! minutes no longer do is not counted (ARCHITECTURE.md). Nothing is truncated: every song of
 //! the user in the window takes part in the ranking.
 //!
+//! Every answer also says when it next changes without new plays (`Computed::changes_at`): the
+//! instant the oldest play of a returned song leaves the window, or a play already stored ahead
+//! of the window enters it, whichever comes first. The refresher recomputes the user then instead
+//! of scanning for minutes that left the window.
+//!
 //! SQL is assembled only from integers and from dates formatted here, never from request text.
 
 use std::collections::HashMap;
@@ -19,8 +24,12 @@ use std::sync::{Arc, Mutex};
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 
+use crate::event::WINDOW_MINUTES;
 use crate::olap::tables::date_literal;
 use crate::window::{DAY_SECS, RankedSong, Window, rank};
+
+/// How long a minute stays in the window: minute `m` leaves it at `m + WINDOW_SECS`.
+const WINDOW_SECS: u32 = (WINDOW_MINUTES * 60) as u32;
 
 /// Errors of the query module.
 #[derive(Debug, thiserror::Error)]
@@ -29,11 +38,50 @@ pub enum QueryError {
     ClickHouse(#[from] clickhouse::error::Error),
 }
 
+/// One user's computed answer and when it next changes without new plays.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Computed {
+    pub songs: Vec<RankedSong>,
+    /// Seconds since the epoch: the earliest instant `t` at which `Window::at(t)` may give
+    /// another answer with no new plays, later than the `now` of the window it was computed
+    /// for; `None` when nothing stored can change it (no plays in the window or ahead of it).
+    /// Early rather than late: a clean day's plays are dated from the day's start.
+    pub changes_at: Option<u32>,
+}
+
+/// A row of the answer query: either a (user, song) total of the window with the oldest minute
+/// it has plays in (`future == 0`), or a user's first minute with plays ahead of the window
+/// (`future == 1`, in `oldest`; song and plays are 0).
 #[derive(Debug, Row, Deserialize)]
-struct UserSongPlays {
+struct AnswerRow {
     user_id: u64,
     song_id: u64,
     plays: u64,
+    oldest: u32,
+    future: u8,
+}
+
+/// What the answer query returned for one user, before ranking.
+#[derive(Debug, Default)]
+struct UserRows {
+    /// (song, plays) of the user's top songs (the query already cut them at `limit`).
+    plays: Vec<(u64, u64)>,
+    /// The oldest minute (or clean day start) with plays of each of those songs.
+    oldest: HashMap<u64, u32>,
+    /// The first minute with plays ahead of the window, of any song.
+    first_future: Option<u32>,
+}
+
+/// When an answer next changes without new plays, from `oldest_top`, the oldest minute with
+/// plays of the answer's songs (or the start of the clean day holding it), and
+/// `first_future`, the first minute with plays at or after the window's end. The oldest minute
+/// `m` leaves at `m + WINDOW_SECS` (`Window::at` then starts at `m + 60`), which takes plays
+/// from a returned song; a minute `f` ahead enters at `f` (`Window::at(f)` ends at `f + 60`),
+/// which may lift any song into the answer. Songs outside the answer losing plays cannot
+/// change it, so their minutes do not count.
+fn changes_at(oldest_top: Option<u32>, first_future: Option<u32>) -> Option<u32> {
+    let leaves = oldest_top.map(|minute| minute.saturating_add(WINDOW_SECS));
+    leaves.into_iter().chain(first_future).min()
 }
 
 fn date_list(days: &[u32]) -> String {
@@ -106,10 +154,13 @@ impl TopQuery {
         Ok(self.client.query(&sql).fetch_all::<CleanDay>().await?)
     }
 
-    /// The inner SELECT of (user, song, plays) rows of the window for the users in `users_sql`:
-    /// clean days from `plays_daily`, every other minute from `plays_minute`. The minute rows
-    /// are selected by explicit time ranges so ClickHouse prunes the day partitions the rollup
-    /// answers (a `NOT IN` on the day would read them all).
+    /// The inner SELECT of (user_id, song_id, n, at) rows of the window for the users in
+    /// `users_sql`, `n` plays at `at` (seconds: the minute, or a clean day's start, the earliest
+    /// minute its plays can be in): clean days from `plays_daily`, every other minute from
+    /// `plays_minute`. The columns are not named `plays` and `oldest` because the outer query
+    /// gives those names to its aggregates, and ClickHouse would substitute them inside. The
+    /// minute rows are selected by explicit time ranges so ClickHouse prunes the day partitions
+    /// the rollup answers (a `NOT IN` on the day would read them all).
     ///
     /// A clean day is read only from rows of its certified rollup version or newer: a key that
     /// vanished from the minute rows before that rollup (a backfill's `REPLACE`, a prune, an
@@ -134,7 +185,8 @@ impl TopQuery {
                 .join(" OR ");
             // `day IN` as well as the per-day versions: the key condition prunes with it.
             parts.push(format!(
-                "SELECT user_id, song_id, plays FROM plays_daily FINAL \
+                "SELECT user_id, song_id, plays AS n, toUInt32(toDateTime(day, 'UTC')) AS at \
+                 FROM plays_daily FINAL \
                  WHERE user_id IN ({users_sql}) AND day IN ({days}) AND ({versions})"
             ));
         }
@@ -155,20 +207,35 @@ impl TopQuery {
                 ranges.join(" OR ")
             };
             parts.push(format!(
-                "SELECT user_id, song_id, plays FROM plays_minute FINAL \
+                "SELECT user_id, song_id, plays AS n, toUInt32(minute) AS at \
+                 FROM plays_minute FINAL \
                  WHERE user_id IN ({users_sql}) AND ({ranges})"
             ));
         }
         parts.join(" UNION ALL ")
     }
 
-    /// The top-K SQL over the window's rows.
-    fn top_sql(window: Window, clean_days: &[CleanDay], users: &[u64], limit: usize) -> String {
-        let inner = Self::window_rows_sql(window, clean_days, &id_list(users));
+    /// The answer SQL: each user's top `limit` (user, song) totals over the window's rows with
+    /// the oldest minute each has plays in, then one row per user with plays ahead of the window
+    /// holding the first such minute. One round trip. The part ahead reads without FINAL: a
+    /// replayed row does not change a minimum. UNION ALL on ClickHouse 18.16 needs identical
+    /// column types, hence the casts; the top part is wrapped so that its ORDER BY and LIMIT BY
+    /// bind to it alone on every server version.
+    fn answers_sql(window: Window, clean_days: &[CleanDay], users: &[u64], limit: usize) -> String {
+        let users_sql = id_list(users);
+        let inner = Self::window_rows_sql(window, clean_days, &users_sql);
+        let end = window.end;
         format!(
-            "SELECT user_id, song_id, sum(plays) AS plays FROM ({inner}) \
-             GROUP BY user_id, song_id \
-             ORDER BY user_id ASC, plays DESC, song_id ASC LIMIT {limit} BY user_id"
+            "SELECT user_id, song_id, plays, oldest, future FROM \
+               (SELECT user_id, song_id, sum(n) AS plays, minIf(at, n > 0) AS oldest, \
+                  toUInt8(0) AS future \
+                FROM ({inner}) \
+                GROUP BY user_id, song_id \
+                ORDER BY user_id ASC, plays DESC, song_id ASC LIMIT {limit} BY user_id) \
+             UNION ALL \
+             SELECT user_id, toUInt64(0), toUInt64(0), toUInt32(min(minute)), toUInt8(1) \
+             FROM plays_minute WHERE user_id IN ({users_sql}) AND minute >= toDateTime({end}) \
+             GROUP BY user_id"
         )
     }
 
@@ -191,8 +258,24 @@ impl TopQuery {
         window: Window,
         limit: usize,
     ) -> Result<HashMap<u64, Vec<RankedSong>>, QueryError> {
-        let mut answers: HashMap<u64, Vec<RankedSong>> =
-            users.iter().map(|&u| (u, Vec::new())).collect();
+        let answers = self.answers_for_users(users, window, limit).await?;
+        Ok(answers
+            .into_iter()
+            .map(|(user, computed)| (user, computed.songs))
+            .collect())
+    }
+
+    /// Top `limit` songs of each of `users` in `window` and when each answer next changes
+    /// without new plays, in one round trip. Every user is in the map; users without plays in
+    /// the window have no songs.
+    pub async fn answers_for_users(
+        &self,
+        users: &[u64],
+        window: Window,
+        limit: usize,
+    ) -> Result<HashMap<u64, Computed>, QueryError> {
+        let mut answers: HashMap<u64, Computed> =
+            users.iter().map(|&u| (u, Computed::default())).collect();
         if users.is_empty() {
             return Ok(answers);
         }
@@ -214,15 +297,24 @@ impl TopQuery {
         if let Ok(mut last) = self.last_clean.lock() {
             *last = clean;
         }
-        let mut grouped: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+        let mut grouped: HashMap<u64, UserRows> = HashMap::new();
         for row in rows {
-            grouped
-                .entry(row.user_id)
-                .or_default()
-                .push((row.song_id, row.plays));
+            let user = grouped.entry(row.user_id).or_default();
+            if row.future == 0 {
+                user.plays.push((row.song_id, row.plays));
+                user.oldest.insert(row.song_id, row.oldest);
+            } else {
+                user.first_future = Some(row.oldest);
+            }
         }
-        for (user, plays) in grouped {
-            answers.insert(user, rank(plays, limit));
+        for (user, rows) in grouped {
+            let songs = rank(rows.plays, limit);
+            let oldest_top = songs
+                .iter()
+                .filter_map(|song| rows.oldest.get(&song.song_id).copied())
+                .min();
+            let changes_at = changes_at(oldest_top, rows.first_future);
+            answers.insert(user, Computed { songs, changes_at });
         }
         Ok(answers)
     }
@@ -233,8 +325,8 @@ impl TopQuery {
         clean_days: &[CleanDay],
         users: &[u64],
         limit: usize,
-    ) -> Result<Vec<UserSongPlays>, QueryError> {
-        let sql = Self::top_sql(window, clean_days, users, limit);
+    ) -> Result<Vec<AnswerRow>, QueryError> {
+        let sql = Self::answers_sql(window, clean_days, users, limit);
         Ok(self.client.query(&sql).fetch_all().await?)
     }
 
@@ -275,6 +367,97 @@ mod tests {
     #[test]
     fn literals_are_built_from_numbers_only() {
         assert_eq!(id_list(&[1, 22, 333]), "1, 22, 333");
+    }
+
+    /// Seconds to the `now_ms` of `Window::at`.
+    fn at(secs: u32) -> Window {
+        Window::at(i64::from(secs) * 1000)
+    }
+
+    #[test]
+    fn the_answer_sql_reads_the_minutes_ahead_of_the_window_for_the_same_users() {
+        let day = 1_795_910_400; // 2026-11-29 00:00 UTC
+        let window = at(day + 3_600);
+        let clean = [CleanDay {
+            day: window.full_days().next().expect("a full day"),
+            version: 5,
+        }];
+        let sql = TopQuery::answers_sql(window, &clean, &[7, 42], 10);
+        let end = window.end;
+        assert!(
+            sql.ends_with(&format!(
+                " UNION ALL SELECT user_id, toUInt64(0), toUInt64(0), toUInt32(min(minute)), \
+                 toUInt8(1) FROM plays_minute WHERE user_id IN (7, 42) \
+                 AND minute >= toDateTime({end}) GROUP BY user_id"
+            )),
+            "{sql}"
+        );
+        assert_eq!(
+            sql.matches("user_id IN (7, 42)").count(),
+            3,
+            "the rollup, the minutes and the part ahead: {sql}"
+        );
+        assert!(sql.contains("minIf(at, n > 0) AS oldest"), "{sql}");
+        assert!(
+            sql.contains("toUInt32(toDateTime(day, 'UTC')) AS at FROM plays_daily FINAL"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("toUInt32(minute) AS at FROM plays_minute FINAL"),
+            "{sql}"
+        );
+        assert!(sql.contains("LIMIT 10 BY user_id)"), "{sql}");
+    }
+
+    #[test]
+    fn the_oldest_minute_of_the_answer_leaves_seven_days_later() {
+        let window = at(1_795_975_230); // 2026-11-29T18:00:30Z
+        let oldest = window.start;
+        let changes = changes_at(Some(oldest), None).expect("a minute leaves");
+        assert_eq!(changes, window.start + 7 * DAY_SECS);
+        assert_eq!(
+            changes, window.end,
+            "the first minute leaves as the next one starts"
+        );
+        assert_eq!(at(changes).start, oldest + 60);
+        assert!(!at(changes).contains(oldest));
+        assert!(at(changes - 1).contains(oldest));
+        assert_eq!(at(changes - 1), window, "nothing leaves before");
+        // The current minute, the newest one a minute row of the window can have.
+        let newest = window.end - 60;
+        let changes = changes_at(Some(newest), None).expect("a minute leaves");
+        assert_eq!(changes, newest + 10_080 * 60);
+        assert!(at(changes).start > newest && at(changes - 1).start <= newest);
+    }
+
+    #[test]
+    fn a_minute_ahead_enters_when_it_becomes_the_current_minute() {
+        let window = at(1_795_975_230);
+        for ahead in [window.end, window.end + 4 * 60] {
+            let changes = changes_at(None, Some(ahead)).expect("a minute enters");
+            assert_eq!(changes, ahead);
+            assert!(at(changes).contains(ahead));
+            assert!(!at(changes - 1).contains(ahead));
+        }
+    }
+
+    #[test]
+    fn the_answer_changes_at_the_earlier_of_leaving_and_entering() {
+        let window = at(1_795_975_230);
+        let oldest = window.start + 120;
+        let leaves = oldest + 7 * DAY_SECS;
+        assert_eq!(changes_at(Some(oldest), Some(leaves + 60)), Some(leaves));
+        assert_eq!(
+            changes_at(Some(oldest), Some(leaves - 60)),
+            Some(leaves - 60)
+        );
+        assert_eq!(changes_at(Some(oldest), Some(leaves)), Some(leaves));
+        assert_eq!(changes_at(None, None), None, "no plays: nothing changes it");
+        // A clean day's plays are dated from its start: the day's first minute leaving is the
+        // earliest any of them can, so the answer is recomputed then (early, never late).
+        let day = window.full_days().next().expect("a full day");
+        assert_eq!(changes_at(Some(day), None), Some(day + 7 * DAY_SECS));
+        assert!(day + 7 * DAY_SECS >= window.end);
     }
 
     #[test]

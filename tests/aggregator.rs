@@ -37,14 +37,7 @@ async fn setup(partitions: i32) -> Setup {
 
 /// The same on the durable broker the test stack runs (tansu).
 async fn setup_tansu(partitions: i32) -> Setup {
-    let brokers = common::tansu_brokers();
-    let topic = common::unique("plays");
-    let dlq = topk::config::dlq_topic(&topic);
-    topk::kafka::ensure_topics(&brokers, &[&topic, &dlq], partitions)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("tansu must run at {brokers} (TOPK_BROKER=both scripts/stack up): {e}")
-        });
+    let (brokers, topic) = common::tansu_topics(partitions).await;
     let clickhouse = common::migrated_database().await;
     Setup {
         broker: None,
@@ -111,7 +104,20 @@ async fn oracle_exact_totals_and_dead_letters(setup: Setup, events: usize) {
         .expect("user_touches");
     let counted: std::collections::BTreeSet<u64> =
         load.truth.keys().map(|&(user, _)| user).collect();
-    assert_eq!(touched, counted.into_iter().collect::<Vec<_>>());
+    assert_eq!(touched, counted.iter().copied().collect::<Vec<_>>());
+    // And published them to the touches topic (what the refreshers consume), each user on its
+    // own partition (`user % partitions`), no other user.
+    let (partitions, touches) =
+        workload::touches(&setup.brokers, &topk::touches::topic(&setup.topic)).await;
+    for &(partition, user) in &touches {
+        assert_eq!(
+            partition,
+            topk::touches::partition_of(user, partitions),
+            "user {user}"
+        );
+    }
+    let published: std::collections::BTreeSet<u64> = touches.iter().map(|&(_, u)| u).collect();
+    assert_eq!(published, counted);
     let dlq = topk::config::dlq_topic(&setup.topic);
     assert_eq!(
         workload::dead_letters(&setup.brokers, &dlq, load.dead_total()).await,

@@ -205,14 +205,7 @@ fn dev_broker() -> Broker {
 
 /// The durable broker of the test stack (tansu), as in tests/aggregator.rs.
 async fn tansu() -> Broker {
-    let brokers = common::tansu_brokers();
-    let topic = common::unique("plays");
-    let dlq = topk::config::dlq_topic(&topic);
-    topk::kafka::ensure_topics(&brokers, &[&topic, &dlq], 1)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("tansu must run at {brokers} (TOPK_BROKER=both scripts/stack up): {e}")
-        });
+    let (brokers, topic) = common::tansu_topics(1).await;
     Broker {
         _dev: None,
         brokers,

@@ -5,11 +5,13 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::plays::{DAY, MINUTE, Play, oracle};
 use rand::Rng;
 use topk::clock::{Clock, ManualClock};
-use topk::query::TopQuery;
-use topk::window::Window;
+use topk::query::{Computed, TopQuery};
+use topk::window::{RankedSong, Window};
 use topk_aggregator::store::Store;
 
 /// Writes plays the way the aggregator does: batches of counts with their ids, then touches.
@@ -417,5 +419,318 @@ async fn prune_drops_nothing_on_a_host_clock_running_ahead() {
         .expect("prune");
     assert_eq!(report.dropped, Vec::<(String, u32)>::new(), "{report:?}");
     check(&query, &plays, &[1], Window::at(now), "after a prune ahead").await;
+    common::drop_database(&clickhouse).await;
+}
+
+/// When `plays` say `user`'s answer `songs` in `window` next changes without new plays, by the
+/// rules of `Computed::changes_at`: the oldest minute with plays of a song of the answer leaves
+/// the window (a play on a day of `clean_days` dated from the day's start, since the rollup
+/// keeps no minutes), or the first minute with plays ahead of the window, of any song, enters
+/// it. Also which of them it is.
+fn expected_changes_at(
+    plays: &[Play],
+    user: u64,
+    songs: &[RankedSong],
+    window: Window,
+    clean_days: &[u32],
+) -> (Option<u32>, Cause) {
+    const WINDOW_SECS: u32 = 10_080 * 60;
+    let day_secs = (DAY / 1000) as u32;
+    let minutes = plays
+        .iter()
+        .filter(|p| p.user == user)
+        .map(|p| (p.song, (p.ts.div_euclid(MINUTE) * 60) as u32));
+    let oldest_top = minutes
+        .clone()
+        .filter(|&(song, minute)| {
+            window.contains(minute) && songs.iter().any(|s| s.song_id == song)
+        })
+        .map(|(_, minute)| {
+            let day = minute - minute % day_secs;
+            if clean_days.contains(&day) {
+                (day, false)
+            } else {
+                (minute, true)
+            }
+        })
+        .min();
+    let first_future = minutes
+        .filter(|&(_, minute)| minute >= window.end)
+        .map(|(_, minute)| minute)
+        .min();
+    let leaves =
+        oldest_top.map(|(minute, from_minute_row)| (minute + WINDOW_SECS, from_minute_row));
+    let cause = |from_minute_row| {
+        if from_minute_row {
+            Cause::MinuteLeaves
+        } else {
+            Cause::CleanDayLeaves
+        }
+    };
+    match (leaves, first_future) {
+        (Some((t, from_minute_row)), Some(f)) if t < f => (Some(t), cause(from_minute_row)),
+        (Some((t, from_minute_row)), None) => (Some(t), cause(from_minute_row)),
+        (_, Some(f)) => (Some(f), Cause::Enters),
+        (None, None) => (None, Cause::Nothing),
+    }
+}
+
+/// What decides when an answer next changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Cause {
+    /// The oldest minute row of a song of the answer leaves first: the answer changes then.
+    MinuteLeaves,
+    /// The start of the clean day holding the oldest play leaves first: an early recomputation.
+    CleanDayLeaves,
+    /// A play ahead of the window enters first (or at the same instant).
+    Enters,
+    /// No play in the window or ahead of it.
+    Nothing,
+}
+
+/// The window `Window::at` gives at `secs` seconds since the epoch.
+fn window_at(secs: u32) -> Window {
+    Window::at(i64::from(secs) * 1000)
+}
+
+async fn check_answers(
+    query: &TopQuery,
+    plays: &[Play],
+    users: &[u64],
+    window: Window,
+    clean_days: &[u32],
+    phase: &str,
+) -> BTreeMap<Cause, usize> {
+    let mut causes = BTreeMap::new();
+    for limit in [10, 50] {
+        let expected = oracle(plays, window, limit);
+        let answers = query
+            .answers_for_users(users, window, limit)
+            .await
+            .expect("answers");
+        assert_eq!(answers.len(), users.len(), "{phase}: every user answered");
+        let tops = query
+            .top_for_users(users, window, limit)
+            .await
+            .expect("top");
+        for &user in users {
+            let songs = expected.get(&user).cloned().unwrap_or_default();
+            let (changes_at, cause) = expected_changes_at(plays, user, &songs, window, clean_days);
+            *causes.entry(cause).or_default() += 1;
+            assert_eq!(
+                answers[&user],
+                Computed {
+                    songs: songs.clone(),
+                    changes_at
+                },
+                "{phase}: user {user}, limit {limit}"
+            );
+            assert_eq!(
+                tops[&user], songs,
+                "{phase}: top of user {user}, limit {limit}"
+            );
+            let Some(changes_at) = changes_at else {
+                continue;
+            };
+            assert!(
+                changes_at >= window.end,
+                "{phase}: user {user} changes after now"
+            );
+            let before = oracle(plays, window_at(changes_at - 1), limit);
+            assert_eq!(
+                before.get(&user).cloned().unwrap_or_default(),
+                songs,
+                "{phase}: user {user}, limit {limit}: nothing changes before {changes_at}"
+            );
+            if cause == Cause::MinuteLeaves {
+                let after = oracle(plays, window_at(changes_at), limit);
+                assert_ne!(
+                    after.get(&user).cloned().unwrap_or_default(),
+                    songs,
+                    "{phase}: user {user}, limit {limit}: the oldest minute leaves at {changes_at}"
+                );
+            }
+        }
+    }
+    causes
+}
+
+/// Issue 17 (ageing without a scan): every answer says when it next changes without new plays,
+/// over minute rows, clean rollups and dirty days, with plays on the window's old edge, heavy
+/// users, songs outside the top, and plays stored up to five minutes ahead.
+#[tokio::test]
+async fn answers_say_when_they_next_change() {
+    let clickhouse = common::migrated_database().await;
+    let client = topk::olap::client(&clickhouse);
+    let store = Store::new(client.clone(), "plays");
+    let query = TopQuery::new(client.clone());
+    let mut rng = common::workload::rng("query-changes-at");
+
+    let now = topk::clock::SystemClock.now_ms();
+    let clock = ManualClock::at(now);
+    let window = Window::at(now);
+    let (start_ms, end_ms) = (i64::from(window.start) * 1000, i64::from(window.end) * 1000);
+    // 1, 2: heavy; 3: a top song on the old edge; 4: a song outside the top on the old edge;
+    // 5..=36: random; 37: only plays ahead; 38: only plays before the window; 39: only plays on
+    // full days; 40: none.
+    let users: Vec<u64> = (1..=40).collect();
+    let mut plays = Vec::new();
+    for _ in 0..6_000 {
+        plays.push(Play {
+            user: rng.random_range(5..=36),
+            song: rng.random_range(1..=30),
+            ts: now - rng.random_range(0..10 * DAY),
+        });
+    }
+    for user in [1u64, 2] {
+        for day in 0..9 {
+            for song in 1..=80u64 {
+                for k in 0..1 + (song + day as u64 + user) % 3 {
+                    plays.push(Play {
+                        user,
+                        song,
+                        ts: now
+                            - day * DAY
+                            - (k as i64 + 1) * 7 * MINUTE
+                            - rng.random_range(0..MINUTE),
+                    });
+                }
+            }
+        }
+    }
+    // User 3's top song has a play in the window's first minute and one just before it.
+    for i in 0..20 {
+        plays.push(Play {
+            user: 3,
+            song: 901,
+            ts: now - i * 3 * 60 * MINUTE,
+        });
+    }
+    plays.push(Play {
+        user: 3,
+        song: 901,
+        ts: start_ms,
+    });
+    plays.push(Play {
+        user: 3,
+        song: 901,
+        ts: start_ms - 1,
+    });
+    plays.push(Play {
+        user: 3,
+        song: 902,
+        ts: end_ms - 1,
+    });
+    // User 4: twelve songs of five recent plays, and one play of song 950 in the window's first
+    // minute: in the top 50, so it leaves first, but not in the top 10, where it cannot matter.
+    for song in 1..=12 {
+        for k in 0..5 {
+            plays.push(Play {
+                user: 4,
+                song,
+                ts: now - DAY - (song as i64 * 10 + k) * MINUTE,
+            });
+        }
+    }
+    plays.push(Play {
+        user: 4,
+        song: 950,
+        ts: start_ms + rng.random_range(0..MINUTE),
+    });
+    plays.push(Play {
+        user: 4,
+        song: 951,
+        ts: start_ms - 1,
+    });
+    // Plays ahead of the window (the aggregator accepts up to five minutes), new songs too, for
+    // some users: a play ahead enters before any minute leaves, and would hide the rest.
+    let ahead: Vec<u64> = [1, 4].into_iter().chain(5..=14).collect();
+    for _ in 0..30 {
+        plays.push(Play {
+            user: ahead[rng.random_range(0..ahead.len())],
+            song: rng.random_range(1..=40),
+            ts: rng.random_range(end_ms..=now + 5 * MINUTE),
+        });
+    }
+    plays.push(Play {
+        user: 37,
+        song: 1,
+        ts: now + 5 * MINUTE,
+    });
+    plays.push(Play {
+        user: 38,
+        song: 1,
+        ts: start_ms - rng.random_range(1..2 * DAY),
+    });
+    // User 39 plays only on full days that stay clean: its oldest play is a rollup's.
+    let full: Vec<u32> = window.full_days().collect();
+    for i in 0..60 {
+        let day = i64::from(full[[0, 2, 4][i % 3]]) * 1000;
+        plays.push(Play {
+            user: 39,
+            song: 1 + i as u64 % 15,
+            ts: day + rng.random_range(0..DAY),
+        });
+    }
+    write(&store, &plays, 0, true).await;
+    let causes = check_answers(&query, &plays, &users, window, &[], "minute rows only").await;
+    // Every kind of instant is exercised, in every phase that can have it.
+    let minute_rows_only = [Cause::MinuteLeaves, Cause::Enters, Cause::Nothing];
+    assert_eq!(causes.keys().copied().collect::<Vec<_>>(), minute_rows_only);
+
+    // Touches and rollup starts are server seconds: a touch in the second a rollup starts keeps
+    // the day dirty, and this phase wants every full day clean.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let rolled = topk_maintenance::rollup(&client, &clock, false)
+        .await
+        .expect("rollup");
+    assert_eq!(rolled.days.iter().map(|d| d.0).collect::<Vec<_>>(), full);
+    let causes = check_answers(
+        &query,
+        &plays,
+        &users,
+        window,
+        &full,
+        "every full day clean",
+    )
+    .await;
+    let every_cause = [
+        Cause::MinuteLeaves,
+        Cause::CleanDayLeaves,
+        Cause::Enters,
+        Cause::Nothing,
+    ];
+    assert_eq!(causes.keys().copied().collect::<Vec<_>>(), every_cause);
+
+    // Late plays make two rolled-up days dirty again: their minutes count from the minute rows.
+    let dirty = [full[1], full[3]];
+    let late: Vec<Play> = (0..400)
+        .map(|i| Play {
+            user: 1 + i % 10,
+            song: 1 + i % 13,
+            ts: i64::from(dirty[(i % 2) as usize]) * 1000 + rng.random_range(0..DAY),
+        })
+        .collect();
+    write(&store, &late, 1_000_000, false).await;
+    plays.extend(&late);
+    let clean: Vec<u32> = full
+        .iter()
+        .copied()
+        .filter(|d| !dirty.contains(d))
+        .collect();
+    assert_eq!(
+        query
+            .clean_days(window)
+            .await
+            .expect("clean days")
+            .iter()
+            .map(|c| c.day)
+            .collect::<Vec<_>>(),
+        clean
+    );
+    let causes = check_answers(&query, &plays, &users, window, &clean, "two dirty days").await;
+    assert_eq!(causes.keys().copied().collect::<Vec<_>>(), every_cause);
+    let fresh = TopQuery::new(client.clone());
+    check_answers(&fresh, &plays, &users, window, &clean, "a new query module").await;
     common::drop_database(&clickhouse).await;
 }

@@ -30,7 +30,8 @@ enum Command {
         #[command(flatten)]
         clickhouse: ClickHouseArgs,
     },
-    /// Create the play topic and its dead-letter topic (brokers that support CreateTopics).
+    /// Create the play topic, its dead-letter topic and its touches topic (brokers that support
+    /// CreateTopics).
     CreateTopics {
         #[command(flatten)]
         kafka: KafkaArgs,
@@ -143,13 +144,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CreateTopics { kafka, partitions } => {
             topk::telemetry::init_logging();
-            let dlq = kafka.dlq_topic();
-            topk::kafka::ensure_topics(&kafka.brokers, &[&kafka.topic, &dlq], partitions)
+            let topics = kafka.all_topics();
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            topk::kafka::ensure_topics(&kafka.brokers, &names, partitions)
                 .await
                 .with_context(|| format!("creating topics on {}", kafka.brokers))?;
             print_line(&format!(
-                "topics {} and {dlq} ready with {partitions} partitions",
-                kafka.topic
+                "topics {} ready with {partitions} partitions",
+                names.join(", ")
             ))?;
         }
         Command::DevBroker(args) => {

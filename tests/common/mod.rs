@@ -138,17 +138,31 @@ pub fn tansu_brokers() -> String {
     env_or("TOPK_TEST_TANSU_BROKERS", "127.0.0.1:9093")
 }
 
-/// An in-process dev broker with a fresh topic of `partitions` partitions and its dead-letter
-/// topic; returns the broker (alive as long as the value) and the topic name. librdkafka's mock
+/// A fresh plays topic of `partitions` partitions, with its dead-letter and touches topics, on
+/// the stack's tansu; returns the brokers and the topic.
+pub async fn tansu_topics(partitions: i32) -> (String, String) {
+    let brokers = tansu_brokers();
+    let topic = unique("plays");
+    let topics = topk::config::all_topics(&topic);
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    topk::kafka::ensure_topics(&brokers, &names, partitions)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("tansu must run at {brokers} (TOPK_BROKER=both scripts/stack up): {e}")
+        });
+    (brokers, topic)
+}
+
+/// An in-process dev broker with a fresh topic of `partitions` partitions and its dead-letter and
+/// touches topics; returns the broker (alive as long as the value) and the topic name. librdkafka's mock
 /// keeps at most 5 MB or 100,000 messages per partition and drops the oldest beyond that
 /// (`rdkafka_mock.c`), so a test's traffic must fit: ~40k of its messages per partition.
 pub fn dev_broker(partitions: i32) -> (topk_devbroker::DevBroker, String) {
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let topic = unique("plays");
-    broker.create_topic(&topic, partitions).expect("topic");
     broker
-        .create_topic(&topk::config::dlq_topic(&topic), partitions)
-        .expect("dlq topic");
+        .create_plays_topics(&topic, partitions)
+        .expect("topics");
     (broker, topic)
 }
 

@@ -260,6 +260,61 @@ pub async fn dead_letters(brokers: &str, dlq_topic: &str, expected: u64) -> BTre
     by_reason
 }
 
+/// Every touch on `touches_topic` up to its high watermarks, as (partition, user), with the
+/// topic's partition count. Panics on a touch that is not a user id.
+pub async fn touches(brokers: &str, touches_topic: &str) -> (u32, Vec<(i32, u64)>) {
+    let brokers = brokers.to_owned();
+    let topic = touches_topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer =
+            topk::kafka::consumer_config(&brokers, &super::unique("touch-reader"))
+                .create()
+                .expect("consumer");
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .expect("metadata");
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        let mut left: BTreeMap<i32, i64> = BTreeMap::new();
+        for &partition in &partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, partition, timeout)
+                .expect("watermarks");
+            assignment
+                .add_partition_offset(&topic, partition, rdkafka::Offset::Offset(low))
+                .expect("offset");
+            if high > low {
+                left.insert(partition, high);
+            }
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut touches = Vec::new();
+        while !left.is_empty() {
+            let message = consumer
+                .poll(Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("touches stop short of {left:?}"))
+                .expect("no consumer error");
+            let user = topk::touches::user_of(message.payload().unwrap_or_default())
+                .expect("a touch names a user");
+            touches.push((message.partition(), user));
+            if left
+                .get(&message.partition())
+                .is_some_and(|&high| message.offset() + 1 >= high)
+            {
+                left.remove(&message.partition());
+            }
+        }
+        (partitions.len() as u32, touches)
+    })
+    .await
+    .expect("touch reader")
+}
+
 /// Asserts exact equality of two totals maps, reporting only the keys that differ.
 pub fn assert_same_totals(
     actual: &BTreeMap<(u64, u64), u64>,

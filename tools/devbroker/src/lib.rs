@@ -51,8 +51,7 @@ pub struct DevBrokerArgs {
 pub async fn run(args: DevBrokerArgs, shutdown: CancellationToken) -> Result<(), DevBrokerError> {
     let broker = DevBroker::start(args.rebalance_delay_ms)?;
     for topic in &args.topics {
-        broker.create_topic(topic, args.partitions)?;
-        broker.create_topic(&topk::config::dlq_topic(topic), args.partitions)?;
+        broker.create_plays_topics(topic, args.partitions)?;
     }
     let upstream = broker.bootstrap_servers();
     let listener =

@@ -95,6 +95,14 @@ impl DevBroker {
         }
     }
 
+    /// Creates the plays topic `topic` with its dead-letter and touches topics
+    /// ([`topk::config::all_topics`]), `partitions` partitions each.
+    pub fn create_plays_topics(&self, topic: &str, partitions: i32) -> Result<(), DevBrokerError> {
+        topk::config::all_topics(topic)
+            .iter()
+            .try_for_each(|name| self.create_topic(name, partitions))
+    }
+
     /// Creates `topic` with `partitions` partitions (a no-op error-free call if it exists).
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), DevBrokerError> {
         let name = CString::new(topic).map_err(|_| DevBrokerError::TopicName(topic.to_owned()))?;

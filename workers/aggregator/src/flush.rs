@@ -2,6 +2,7 @@
 //! server-side write deadline, counts, touches, dead letters, commit; every step keeps only the
 //! partitions still held in the generation the flush took them from ("Fencing").
 
+use std::collections::BTreeSet;
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ pub enum FlushError {
     Counts(#[source] clickhouse::error::Error),
     #[error("recording the days and users a flush touched")]
     Touches(#[source] clickhouse::error::Error),
+    #[error("publishing the users a flush touched")]
+    PublishTouches(#[source] topk::touches::TouchError),
     #[error("producing to the dead-letter topic")]
     DeadLetters(#[source] KafkaError),
     #[error("the flush task panicked: {0}")]
@@ -201,6 +204,15 @@ impl Worker {
             .write_user_touches(&batches)
             .await
             .map_err(FlushError::Touches)?;
+        // After the counts are acknowledged (visible): a refresher that reads a touch finds
+        // its counts. Before the commit: a crash replays the range and publishes them again.
+        let users: BTreeSet<u64> = batches
+            .iter()
+            .flat_map(|batch| batch.counts.keys().map(|&(user_id, _, _)| user_id))
+            .collect();
+        topk::touches::publish(&self.producer, &self.touches_topic, &users)
+            .await
+            .map_err(FlushError::PublishTouches)?;
         self.retain_held(consumer, taken);
         let batches: Vec<&Batch> = taken.iter().flat_map(|t| t.batches.iter()).collect();
         let dead_letters = self.produce_dead_letters(&batches).await?;

@@ -63,6 +63,10 @@ pub enum BackfillError {
         "the archive of partition {partition} ends before offset {committed}, which the aggregators already counted: wait until the archiver has caught up"
     )]
     ArchiveBehind { partition: i32, committed: u64 },
+    #[error(transparent)]
+    Kafka(topk::kafka::KafkaClientError),
+    #[error("telling the refreshers which users changed")]
+    Touches(#[from] topk::touches::TouchError),
     #[error("ClickHouse (staging table {staging})")]
     ClickHouse {
         staging: String,
@@ -206,7 +210,13 @@ pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
     let days: Vec<i64> = (since_s..until_s).step_by(DAY_SECS as usize).collect();
     let replaced = replace_days(&topk::olap::client(&args.clickhouse), &days, cells).await?;
     report.rows = replaced.rows;
-    report.users_touched = replaced.users_touched;
+    // The refreshers learn of the replaced counts only through touches (after the counts, as
+    // a flush publishes them). A failure here leaves Redis behind until a re-run: the report
+    // is not printed, and re-running the backfill replaces the same days identically.
+    let producer = topk::kafka::producer(&args.kafka.brokers).map_err(BackfillError::Kafka)?;
+    report.users_touched =
+        topk::touches::publish(&producer, &args.kafka.touches_topic(), &replaced.users).await?
+            as u64;
     report.days = days
         .iter()
         .map(|&d| tables::date_literal(d as u32).trim_matches('\'').to_owned())
@@ -326,10 +336,11 @@ async fn committed_offsets(
 }
 
 /// What the ClickHouse side of a backfill wrote.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Replaced {
     rows: u64,
-    users_touched: u64,
+    /// Users with counts in the replaced days before or after the replace.
+    users: BTreeSet<u64>,
 }
 
 /// Writes `cells` to a staging table and replaces each day partition of `plays_minute` with
@@ -401,12 +412,8 @@ async fn write_and_replace(
     // Then the users, as the aggregator does: the refresher finds changed answers only through
     // `user_touches` and the window's movement. After the day touches, so that a recomputation
     // these touches trigger never reads a replaced day from its old rollup.
-    let users_touched = users.len() as u64;
     tables::touch_users(client, &users).await?;
-    Ok(Replaced {
-        rows,
-        users_touched,
-    })
+    Ok(Replaced { rows, users })
 }
 
 #[cfg(test)]
