@@ -1,8 +1,7 @@
 //! Refresh benchmark: users refreshed per second by the refresher (batch query in chunks,
 //! guarded script writes) against a baseline that queries ClickHouse once per user and writes
 //! the same script, same data, same run, same concurrency; then the ClickHouse bytes a
-//! steady-state cycle reads (issue 17's baseline: does a cycle cost what changed, or what is
-//! stored?).
+//! steady-state cycle reads (issue 17: a cycle costs what changed, not what is stored).
 //!
 //! ```sh
 //! scripts/stack up && eval "$(scripts/stack env)"
@@ -12,33 +11,35 @@
 //!
 //! Knobs: `TOPK_BENCH_USERS` (100,000), `TOPK_BENCH_ROWS_PER_USER` (20), `TOPK_BENCH_BATCH`
 //! (users per query, 2,000), `TOPK_BENCH_CONCURRENCY` (queries in flight, 2),
-//! `TOPK_BENCH_BASELINE_USERS` (users timed for the per-user baseline, 2,000). Every user is
-//! marked touched, so one refresher cycle recomputes all of them; keys get a 10-minute TTL.
+//! `TOPK_BENCH_BASELINE_USERS` (users timed for the per-user baseline, 2,000),
+//! `TOPK_BENCH_PARTITIONS` (touches partitions, 8). Every user is handed to the cycle as
+//! touched, so one refresher cycle recomputes (and schedules) all of them; keys get a 10-minute
+//! TTL.
 //! `TOPK_BENCH_KEEP=1` keeps the ClickHouse database for a closer look;
 //! `TOPK_BENCH_REDIS_CLUSTER=1` writes to the stack's Redis Cluster.
 //!
-//! Bytes per cycle (`"cycle_reads"` in the JSON): a second refresher, on a client that logs
-//! its queries (`log_queries=1`, a unique product name in its User-Agent, so
-//! `system.query_log` holds its queries and nobody else's), runs `TOPK_BENCH_CYCLES` (3) cycles
-//! after a first one that only sets its cursors. Before each, `TOPK_BENCH_TOUCHED` (1,000)
-//! users spread over the id range get a touch and its injected clock moves
-//! `TOPK_BENCH_MOVE_MINUTES` (1) minutes, as between two cycles of `topk refresh` at a
-//! one-minute interval; so each cycle recomputes the same number of touched users plus those
-//! whose plays left the window in that minute (those grow with the users). Its touch margin is
-//! 0, so that each cycle reads only its own touches. From `system.query_log` (QueryFinish
-//! rows, after `SYSTEM FLUSH LOGS`) each cycle's `read_rows`, `read_bytes` and `result_rows`
-//! are summed per part: `moved` (the ageing scan, `changes::moved`), `touched`
-//! (`changes::touched_since`), `recompute` (the batch query and its clean-days lookup) and
-//! `server_now`. The summary (`"per_cycle"`) is the median cycle of each part. Run it at two
-//! sizes (e.g. the default and `TOPK_BENCH_USERS=1000000`) and compare: bytes that grow with
-//! the table at the same number of changed users are the cost issue 17 removes.
+//! Bytes per cycle (`"cycle_reads"` in the JSON): a second refresher over the same keys (so
+//! the ageing index holds every user, as in steady state), on a client that logs its queries
+//! (`log_queries=1`, a unique product name in its User-Agent, so `system.query_log` holds its
+//! queries and nobody else's), runs `TOPK_BENCH_CYCLES` (3) cycles. Before each,
+//! `TOPK_BENCH_TOUCHED` (100) users spread over the id range are touched and its injected clock
+//! moves `TOPK_BENCH_MOVE_MINUTES` (0) minutes: with 0 every cycle recomputes the same number
+//! of users whatever the table's size; with 1 (a `topk refresh` at a one-minute interval) the
+//! users the ageing index says are due come on top, and they grow with the users. From
+//! `system.query_log` (QueryFinish rows, after `SYSTEM FLUSH LOGS`) each cycle's `read_rows`,
+//! `read_bytes` and `result_rows` are summed (`recompute`: the batch query and its clean-days
+//! lookup, the only ClickHouse reads a cycle makes; the due users come from Redis). The summary
+//! (`"per_cycle"`) is the median cycle. Run it at two sizes (e.g. `TOPK_BENCH_USERS=50000` and
+//! `500000`) and compare. Keep the touched users fewer than the table's granules (rows / 8,192):
+//! beyond that, users spread over the id range hit every granule and the read saturates at the
+//! table's size, whatever the design.
 //!
 //! Prints one JSON line.
 
 mod common;
 
 use common::env_or;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -79,16 +80,7 @@ async fn main() {
     let window = Window::at(now);
     common::generate_minute_rows(&client, window, users, rows).await;
     common::roll_up_and_merge(&client).await;
-    // Ten minutes old: inside the first cycle's catch-up, outside the touch reads of the
-    // bytes-per-cycle refresher below.
-    client
-        .query(&format!(
-            "INSERT INTO user_touches (user_id, touched_at) \
-             SELECT number + 1, now() - 600 FROM numbers({users})"
-        ))
-        .execute()
-        .await
-        .expect("user touches");
+    let partitions: u32 = env_or("TOPK_BENCH_PARTITIONS", 8);
 
     let settings = RefreshSettings {
         batch_size,
@@ -97,16 +89,25 @@ async fn main() {
             key_ttl: Duration::from_secs(600),
             tombstone_ttl: Duration::from_secs(600),
         },
-        touch_margin: Duration::from_secs(120),
-        catch_up: Duration::from_secs(3600),
+        catch_up_page: 20_000,
     };
     let redis = topk::cache::Redis::connect(&redis_args).expect("redis");
 
     // The refresher: one cycle over every changed user.
-    let mut refresher =
-        Refresher::new(client.clone(), redis.clone(), &redis_args.prefix, &settings);
+    let mut refresher = Refresher::new(
+        client.clone(),
+        redis.clone(),
+        &redis_args.prefix,
+        partitions,
+        &settings,
+    );
+    let owned: Vec<i32> = (0..partitions as i32).collect();
+    let everyone = touched_users((1..=users).collect(), partitions);
     let t = Instant::now();
-    let report = refresher.cycle(&SystemClock).await.expect("cycle");
+    let report = refresher
+        .cycle(&SystemClock, &owned, &everyone)
+        .await
+        .expect("cycle");
     let cycle_s = t.elapsed().as_secs_f64();
     assert!(report.refreshed.failed.is_empty(), "no chunk may fail");
     let refreshed = report.refreshed.done();
@@ -185,7 +186,15 @@ async fn main() {
         .await;
     let baseline_s = t.elapsed().as_secs_f64();
 
-    let cycle_reads = cycle_reads(&args, &redis, &redis_args.prefix, &settings, users).await;
+    let cycle_reads = cycle_reads(
+        &args,
+        &redis,
+        &redis_args.prefix,
+        &settings,
+        users,
+        partitions,
+    )
+    .await;
 
     if std::env::var_os("TOPK_BENCH_KEEP").is_none() {
         common::drop_database(&args).await;
@@ -233,12 +242,23 @@ struct LoggedPart {
     result_rows: u64,
 }
 
-/// The parts of a cycle, by the text of the refresher's queries (`changes`, `topk::query`).
+/// The parts of a cycle, by the text of the refresher's queries: a steady-state cycle reads
+/// ClickHouse only to recompute (a catch-up's pages would be `catch_up`).
 const PARTS: &str = "multiIf(\
-    position(query, 'FROM user_touches') > 0, 'touched', \
-    position(query, 'SELECT DISTINCT user_id FROM plays_minute') > 0, 'moved', \
-    position(query, 'toUInt32(now())') > 0, 'server_now', \
+    position(query, 'SELECT DISTINCT user_id FROM plays_minute') > 0, 'catch_up', \
     'recompute')";
+
+/// `users` as touches, per partition.
+fn touched_users(users: Vec<u64>, partitions: u32) -> BTreeMap<i32, BTreeSet<u64>> {
+    let mut touched: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
+    for user in users {
+        touched
+            .entry(topk::touches::partition_of(user, partitions))
+            .or_default()
+            .insert(user);
+    }
+    touched
+}
 
 /// Steady-state cycles of a refresher whose queries are logged, and what each read from
 /// ClickHouse (see the header). Returns the JSON of `"cycle_reads"`.
@@ -248,25 +268,23 @@ async fn cycle_reads(
     prefix: &str,
     settings: &RefreshSettings,
     users: u64,
+    partitions: u32,
 ) -> serde_json::Value {
-    let touched: u64 = env_or("TOPK_BENCH_TOUCHED", 1_000).clamp(1, users);
+    let touched: u64 = env_or("TOPK_BENCH_TOUCHED", 100).clamp(1, users);
     let cycles: usize = env_or("TOPK_BENCH_CYCLES", 3).max(1);
-    let move_minutes: i64 = env_or("TOPK_BENCH_MOVE_MINUTES", 1);
+    let move_minutes: i64 = env_or("TOPK_BENCH_MOVE_MINUTES", 0);
     let marker = common::unique("topk-bench-reads");
-    let plain = topk::olap::client(args);
     let logged = topk::olap::client(args)
         .with_setting("log_queries", "1")
         .with_product_info(marker.as_str(), "1");
-    let settings = RefreshSettings {
-        touch_margin: Duration::ZERO,
-        catch_up: Duration::ZERO,
-        ..settings.clone()
-    };
-    let mut refresher =
-        Refresher::new(logged, redis.clone(), &format!("{prefix}_reads"), &settings);
+    let mut refresher = Refresher::new(logged, redis.clone(), prefix, partitions, settings);
+    let owned: Vec<i32> = (0..partitions as i32).collect();
     let clock = ManualClock::at(SystemClock.now_ms());
-    // No catch-up: the first cycle only sets the cursors (no touch since now, no movement).
-    let first = refresher.cycle(&clock).await.expect("first cycle");
+    // Nothing touched, nothing due yet: the first cycle has nothing to do.
+    let first = refresher
+        .cycle(&clock, &owned, &BTreeMap::new())
+        .await
+        .expect("first cycle");
     assert_eq!(first.users, 0, "the first cycle has nothing to do");
     let server_now = || async {
         topk::olap::server_client(args)
@@ -280,24 +298,24 @@ async fn cycle_reads(
     let stride = (users / touched).max(1);
     let mut ranges = Vec::with_capacity(cycles);
     let mut changed = Vec::with_capacity(cycles);
+    let mut due = Vec::with_capacity(cycles);
     for k in 0..cycles as u64 {
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
-        plain
-            .query(&format!(
-                "INSERT INTO user_touches (user_id) \
-                 SELECT (number * {stride} + {k}) % {users} + 1 FROM numbers({touched})"
-            ))
-            .execute()
-            .await
-            .expect("touches");
+        let touches = touched_users(
+            (0..touched).map(|n| (n * stride + k) % users + 1).collect(),
+            partitions,
+        );
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         clock.advance_ms(move_minutes * 60_000);
         let from = server_now().await;
-        let report = refresher.cycle(&clock).await.expect("cycle");
+        let report = refresher
+            .cycle(&clock, &owned, &touches)
+            .await
+            .expect("cycle");
         let to = server_now().await;
         assert!(report.refreshed.failed.is_empty(), "no chunk may fail");
         ranges.push((from, to));
         changed.push(report.users as u64);
+        due.push(report.due as u64);
     }
 
     let server = topk::olap::server_client(args);
@@ -322,11 +340,10 @@ async fn cycle_reads(
             .fetch_all()
             .await
             .expect("query log");
-        let mut parts: BTreeMap<String, PartReads> =
-            ["moved", "touched", "recompute", "server_now"]
-                .iter()
-                .map(|p| (p.to_string(), PartReads::default()))
-                .collect();
+        let mut parts: BTreeMap<String, PartReads> = ["catch_up", "recompute"]
+            .iter()
+            .map(|p| (p.to_string(), PartReads::default()))
+            .collect();
         for row in rows {
             parts.insert(
                 row.part,
@@ -366,6 +383,7 @@ async fn cycle_reads(
         "touched_per_cycle": touched,
         "window_move_minutes": move_minutes,
         "changed_users": changed,
+        "due_users": due,
         "per_cycle": median,
         "cycles": per_cycle,
     })

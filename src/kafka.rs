@@ -198,3 +198,34 @@ pub fn committed_offsets(
         })
         .collect())
 }
+
+/// Where each of `partitions` of `topic` starts for a member of `consumer`'s group: the offset
+/// the group committed (`None`: it never did) and the low watermark (the oldest offset the log
+/// still holds). A committed offset below the low watermark, or none over a log that lost its
+/// start, means messages the group never handled are gone. Blocking: call it from
+/// `spawn_blocking` in async code.
+pub fn partition_starts<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> Result<BTreeMap<i32, (Option<u64>, u64)>, KafkaError> {
+    let mut list = TopicPartitionList::new();
+    for &p in partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    let mut starts = BTreeMap::new();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(n) => u64::try_from(n).ok(),
+            _ => None,
+        };
+        let (low, _high) = consumer.fetch_watermarks(topic, element.partition(), timeout)?;
+        starts.insert(
+            element.partition(),
+            (offset, u64::try_from(low).unwrap_or(0)),
+        );
+    }
+    Ok(starts)
+}

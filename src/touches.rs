@@ -15,11 +15,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::future::join_all;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::metadata::Metadata;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
 /// How long a metadata request (the touches topic's partition count) may take.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a touch may wait in the producer before its delivery counts as failed.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,6 +87,13 @@ pub async fn partitions(producer: &FutureProducer, topic: &str) -> Result<u32, T
     .await
     // The blocking task panicked or was cancelled with the runtime.
     .unwrap_or(Err(KafkaError::Canceled));
+    partitions_in(metadata, topic)
+}
+
+/// The number of partitions of `topic` in a metadata answer (any client's: a consumer reads it
+/// through [`Consumer::fetch_metadata`](rdkafka::consumer::Consumer::fetch_metadata) with
+/// [`METADATA_TIMEOUT`]).
+pub fn partitions_in(metadata: KafkaResult<Metadata>, topic: &str) -> Result<u32, TouchError> {
     let metadata = metadata.map_err(|source| TouchError::Metadata {
         topic: topic.to_owned(),
         source,

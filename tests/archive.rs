@@ -557,8 +557,8 @@ async fn minute_answers(
     )
 }
 
-/// Issue 16, item 7. A backfill changes counts behind the refresher's back: it must write a
-/// `user_touches` row for every user whose counts it replaced (present in the days before the
+/// Issue 16, item 7. A backfill changes counts behind the refresher's back: it must publish a
+/// touch for every user whose counts it replaced (present in the days before the
 /// replace, whose rows may have vanished, or after it), so that the next refresher cycle
 /// recomputes exactly them; and once the replaced days are rolled up again, a (user, song, day)
 /// the backfill removed must not be read from the day's older rollup.
@@ -608,8 +608,8 @@ async fn a_backfill_is_refreshed_and_its_rolled_up_days_forget_what_it_removed()
     let writer = topk_aggregator::store::Store::new(client.clone(), &topic);
     common::plays::flush(&writer, &extra, 1 << 40).await;
 
-    // Touches and rollup starts are server seconds: wait a second so that the rollup finds
-    // every day clean and the refresher's first cursor is after every touch written so far.
+    // Day touches and rollup starts are server seconds: wait a second so that the rollup finds
+    // every day clean.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let rolled = topk_maintenance::rollup(&client, &clock, false)
         .await
@@ -624,18 +624,29 @@ async fn a_backfill_is_refreshed_and_its_rolled_up_days_forget_what_it_removed()
             key_ttl: Duration::from_secs(8 * 24 * 3600),
             tombstone_ttl: Duration::from_secs(600),
         },
-        // No overlap with the previous cycle: the second cycle sees only what came after the
-        // first, i.e. the backfill's touches.
-        touch_margin: Duration::ZERO,
-        catch_up: Duration::from_secs(3600),
+        catch_up_page: 100_000,
     };
+    // The touches so far (the aggregator's), per partition: the backfill's come after them.
+    let touches_topic = topk::touches::topic(&topic);
+    let (partitions, before) = workload::touches(&brokers, &touches_topic).await;
+    let owned: Vec<i32> = (0..partitions as i32).collect();
     let mut refresher = topk_refresher::Refresher::new(
         client.clone(),
         redis.clone(),
         &redis_args.prefix,
+        partitions,
         &settings,
     );
-    refresher.cycle(&clock).await.expect("first cycle");
+    // The first cycle of a new group: every partition caught up from ClickHouse (the extra
+    // counts published no touches).
+    for &p in &owned {
+        refresher.catch_up(p);
+    }
+    let first = refresher
+        .cycle(&clock, &owned, &BTreeMap::new())
+        .await
+        .expect("first cycle");
+    assert_eq!(first.settled, owned);
     let cached = |user: u64| {
         let (redis, prefix) = (redis.clone(), redis_args.prefix.clone());
         async move {
@@ -668,8 +679,38 @@ async fn a_backfill_is_refreshed_and_its_rolled_up_days_forget_what_it_removed()
         "every user of the archive, and the user whose rows vanished"
     );
 
+    // It published a touch for each of them, on the user's partition.
+    let (_, after) = workload::touches(&brokers, &touches_topic).await;
+    let mut skip: BTreeMap<i32, usize> = BTreeMap::new();
+    for (p, _) in &before {
+        *skip.entry(*p).or_default() += 1;
+    }
+    let mut touched: BTreeMap<i32, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    for (p, user) in after {
+        match skip.get_mut(&p) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => {
+                assert_eq!(p, topk::touches::partition_of(user, partitions));
+                touched.entry(p).or_default().insert(user);
+            }
+        }
+    }
+    let mut want = users.clone();
+    want.insert(phantom);
+    assert_eq!(
+        touched
+            .values()
+            .flatten()
+            .copied()
+            .collect::<std::collections::BTreeSet<u64>>(),
+        want
+    );
+
     // The next cycle recomputes exactly those users, and Redis equals the minute rows.
-    let second = refresher.cycle(&clock).await.expect("second cycle");
+    let second = refresher
+        .cycle(&clock, &owned, &touched)
+        .await
+        .expect("second cycle");
     assert_eq!(
         second.users,
         users.len() + 1,

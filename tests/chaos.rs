@@ -307,8 +307,12 @@ async fn storm_loses_nothing_and_serves_only_honest_503s() {
             vec![
                 "refresh".to_owned(),
                 format!("--refresh-interval={REFRESH_INTERVAL}"),
+                format!("--group={GROUP}-refresher"),
+                // As the aggregators: tansu hands a killed member's partitions on only once its
+                // session expired (with 10 s a restarted refresher waited minutes).
+                format!("--kafka-session-timeout={session_timeout}"),
             ],
-            stack.flags(false, true, true),
+            stack.flags(true, true, true),
         ]
         .concat(),
     );

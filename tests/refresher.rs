@@ -2,11 +2,13 @@
 //! Cluster): the `replace_top` script's contract, atomicity and version guard; after a cycle,
 //! Redis equals the exact answer as of `computed_at` for every user (an oracle ranking the raw
 //! plays, and the query module as `topk top --fresh` computes it); answers age with an injected
-//! clock until the keys are gone; racing refreshers and warm-ups; the cluster.
+//! clock until the keys are gone, the ageing index saying when; racing refreshers and warm-ups;
+//! the cluster. The cycles here are the engine's, handed their partitions and touches; the
+//! consumer group around it is tested in `tests/refresher_group.rs`.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use bb8_redis::redis::{self, AsyncCommands};
@@ -22,6 +24,30 @@ use topk::window::{MAX_LIMIT, RankedSong, Window, rank, rfc3339_ms};
 use topk_aggregator::store::Store;
 use topk_refresher::{Refresh, RefreshSettings, Refresher};
 
+/// Partitions of the touches topic the tests' refreshers own (all of them).
+const PARTITIONS: u32 = 4;
+
+fn owned() -> Vec<i32> {
+    (0..PARTITIONS as i32).collect()
+}
+
+/// The touches a flush of `plays` publishes, per partition.
+fn touched(plays: &[Play]) -> BTreeMap<i32, BTreeSet<u64>> {
+    let mut touched: BTreeMap<i32, BTreeSet<u64>> = BTreeMap::new();
+    for play in plays {
+        touched
+            .entry(topk::touches::partition_of(play.user, PARTITIONS))
+            .or_default()
+            .insert(play.user);
+    }
+    touched
+}
+
+/// No touches: a cycle of the window's movement alone.
+fn untouched() -> BTreeMap<i32, BTreeSet<u64>> {
+    BTreeMap::new()
+}
+
 fn settings() -> RefreshSettings {
     RefreshSettings {
         batch_size: 50,
@@ -30,8 +56,7 @@ fn settings() -> RefreshSettings {
             key_ttl: Duration::from_secs(8 * 24 * 3600),
             tombstone_ttl: Duration::from_millis(300),
         },
-        touch_margin: Duration::from_secs(120),
-        catch_up: Duration::from_secs(3600),
+        catch_up_page: 1_000,
     }
 }
 
@@ -68,7 +93,15 @@ impl Env {
     /// Every user's answer in Redis equals the oracle's as of `computed_at_ms`, at limits 10 and
     /// 50, and equals what the query module (`topk top --fresh`) computes for that instant; users
     /// without plays have no answer.
-    async fn assert_exact(&self, plays: &[Play], users: u64, computed_at_ms: i64, phase: &str) {
+    ///
+    /// Returns the number of (user, limit) answers not recomputed by the latest cycle.
+    async fn assert_exact(
+        &self,
+        plays: &[Play],
+        users: u64,
+        computed_at_ms: i64,
+        phase: &str,
+    ) -> usize {
         let (redis, prefix, query) = (&self.redis, self.redis_args.prefix.as_str(), &self.query);
         let window = Window::at(computed_at_ms);
         let expected = oracle(plays, window, MAX_LIMIT);
@@ -77,6 +110,7 @@ impl Env {
             .top_for_users(&all, window, MAX_LIMIT)
             .await
             .expect("fresh query");
+        let mut stale = 0;
         for user in 1..=users {
             let want = expected.get(&user).cloned().unwrap_or_default();
             assert_eq!(
@@ -95,11 +129,58 @@ impl Env {
                     cached.songs, want_limited,
                     "{phase}: user {user} limit {limit}"
                 );
-                assert_eq!(cached.computed_at, rfc3339_ms(computed_at_ms), "{phase}");
-                assert_eq!(cached.window.start, window.start_rfc3339(), "{phase}");
-                assert_eq!(cached.window.end, window.end_rfc3339(), "{phase}");
+                // Computed by this cycle or an earlier one (a user nothing changed for is not
+                // recomputed), and exact at its own version too.
+                let version = cached_version(redis, prefix, user).await;
+                assert!(version <= computed_at_ms, "{phase}: user {user}'s version");
+                let at_version = Window::at(version);
+                assert_eq!(cached.computed_at, rfc3339_ms(version), "{phase}");
+                assert_eq!(cached.window.start, at_version.start_rfc3339(), "{phase}");
+                assert_eq!(cached.window.end, at_version.end_rfc3339(), "{phase}");
+                let then = oracle(plays, at_version, limit)
+                    .remove(&user)
+                    .unwrap_or_default();
+                assert_eq!(cached.songs, then, "{phase}: user {user} at its version");
+                if version < computed_at_ms {
+                    stale += 1;
+                }
             }
         }
+        stale
+    }
+}
+
+/// The version (`computed_at_ms`) of `user`'s stored answer.
+async fn cached_version(redis: &Redis, prefix: &str, user: u64) -> i64 {
+    let mut conn = redis.get().await.expect("connection");
+    topk::cache::read_cached_on(&mut conn, prefix, user, 1)
+        .await
+        .expect("read")
+        .expect("cached")
+        .computed_at_ms
+}
+
+impl Env {
+    /// The refresh (warm-up pages) over this test's ClickHouse and Redis keys.
+    fn refresh(&self, settings: &RefreshSettings) -> Refresh {
+        Refresh::new(
+            self.client.clone(),
+            self.redis.clone(),
+            &self.redis_args.prefix,
+            PARTITIONS,
+            settings,
+        )
+    }
+
+    /// A refresher on `client` over this test's Redis keys, owning every partition.
+    fn refresher(&self, client: clickhouse::Client, settings: &RefreshSettings) -> Refresher {
+        Refresher::new(
+            client,
+            self.redis.clone(),
+            &self.redis_args.prefix,
+            PARTITIONS,
+            settings,
+        )
     }
 }
 
@@ -534,14 +615,17 @@ fn crc16(bytes: &[u8]) -> u16 {
 
 async fn refresh_oracle(env: &Env, users: u64, n: usize) {
     let mut rng = common::workload::rng("refresher");
-    let prefix = env.redis_args.prefix.as_str();
     let now = common::workload::now_ms();
     let clock = ManualClock::at(now);
     let mut plays = random_plays(&mut rng, users, n, now);
     flush(&env.store, &plays, 0).await;
-    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings());
+    let mut refresher = env.refresher(env.client.clone(), &settings());
 
-    let report = refresher.cycle(&clock).await.expect("cycle");
+    let report = refresher
+        .cycle(&clock, &owned(), &touched(&plays))
+        .await
+        .expect("cycle");
+    assert_eq!(report.settled, owned());
     assert_eq!(report.refreshed.failed, Vec::<u64>::new());
     assert_eq!(report.refreshed.refused, 0);
     env.assert_exact(&plays, users, clock.now_ms(), "first cycle")
@@ -558,7 +642,10 @@ async fn refresh_oracle(env: &Env, users: u64, n: usize) {
         .collect();
     flush(&env.store, &more, 1_000_000).await;
     plays.extend(&more);
-    let report = refresher.cycle(&clock).await.expect("cycle");
+    let report = refresher
+        .cycle(&clock, &owned(), &touched(&more))
+        .await
+        .expect("cycle");
     assert!(
         report.users as u64 <= users,
         "only changed users: {}",
@@ -568,14 +655,33 @@ async fn refresh_oracle(env: &Env, users: u64, n: usize) {
         .await;
 
     // Time moves: minutes, then a day and some hours; plays leave the window and future
-    // plays enter it, without any flush.
+    // plays enter it, without any flush: the ageing index alone brings the users back.
+    let mut due = 0;
     for step in [7 * MINUTE, DAY + 5 * 60 * MINUTE] {
         clock.advance_ms(step);
-        let report = refresher.cycle(&clock).await.expect("cycle");
+        let report = refresher
+            .cycle(&clock, &owned(), &untouched())
+            .await
+            .expect("cycle");
         assert!(report.refreshed.failed.is_empty());
+        assert_eq!(report.due, report.users, "nothing touched: {report:?}");
+        due += report.due;
         env.assert_exact(&plays, users, clock.now_ms(), "time moved")
             .await;
     }
+    assert!(due > 0, "a day of plays left the window");
+}
+
+/// One engine cycle over every partition.
+async fn cycle(
+    refresher: &mut Refresher,
+    clock: &ManualClock,
+    touches: BTreeMap<i32, BTreeSet<u64>>,
+) -> topk_refresher::CycleReport {
+    refresher
+        .cycle(clock, &owned(), &touches)
+        .await
+        .expect("cycle")
 }
 
 /// A user who stops listening: songs drop out of the cached answer exactly when their last
@@ -632,13 +738,8 @@ async fn answers_age_with_the_window_until_no_keys_are_left() {
         },
     ];
     flush(&env.store, &plays, 0).await;
-    // No touch overlap, so that after the first cycle only the window's movement brings users
-    // back: this test is about that path.
-    let no_overlap = RefreshSettings {
-        touch_margin: Duration::ZERO,
-        ..settings()
-    };
-    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &no_overlap);
+    let mut refresher = env.refresher(env.client.clone(), &settings());
+    let ageing = refresher.refresh().ageing.clone();
     let mut conn = env.redis.get().await.expect("connection");
 
     let top = |user| {
@@ -657,37 +758,56 @@ async fn answers_age_with_the_window_until_no_keys_are_left() {
                 })
         }
     };
-    // Touches carry the server's second and a cycle re-reads its cursor's second: wait for the
-    // next second, so that later cycles read no touch at all.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert_eq!(refresher.cycle(&clock).await.expect("cycle").users, 2);
+    let scheduled = |user| {
+        let (ageing, mut conn) = (&ageing, conn.clone());
+        async move { ageing.scheduled(&mut conn, user).await.expect("schedule") }
+    };
+    let report = cycle(&mut refresher, &clock, touched(&plays)).await;
+    assert_eq!((report.users, report.due), (2, 0));
     assert_eq!(top(7).await, Some(vec![(1, 3), (2, 2), (3, 1)]));
     assert_eq!(top(8).await, None, "a future play does not count yet");
+    // User 7's oldest minute leaves as the next minute starts; user 8's play enters when its
+    // minute is reached.
+    let end_secs = window.end;
+    assert_eq!(scheduled(7).await, Some((end_secs, now)));
+    assert_eq!(scheduled(8).await, Some((end_secs + 120, now)));
+
+    // Within the minute nothing is due.
+    clock.advance_ms(MINUTE - 1 - (now - start).rem_euclid(MINUTE));
+    assert_eq!(cycle(&mut refresher, &clock, untouched()).await.users, 0);
 
     // One minute later, the first minute has left the window: user 7 alone is recomputed.
-    clock.advance_ms(MINUTE);
-    assert_eq!(refresher.cycle(&clock).await.expect("cycle").users, 1);
+    clock.set(now + MINUTE);
+    let report = cycle(&mut refresher, &clock, untouched()).await;
+    assert_eq!((report.users, report.due), (1, 1));
     assert_eq!(top(7).await, Some(vec![(2, 2), (3, 1)]));
     assert_eq!(top(8).await, None, "still one minute ahead");
+    assert_eq!(
+        scheduled(7).await,
+        Some((window.start + 2 * 3_600 + 7 * 86_400, now + MINUTE)),
+        "next: song 2's minute leaves"
+    );
 
     // Two more minutes: user 8's play has entered the window, and only user 8 changed.
     clock.advance_ms(2 * MINUTE);
-    assert_eq!(refresher.cycle(&clock).await.expect("cycle").users, 1);
+    assert_eq!(cycle(&mut refresher, &clock, untouched()).await.users, 1);
     assert_eq!(top(8).await, Some(vec![(4, 1)]));
 
     // Just before song 2's minute leaves, it is still there; just after, it is gone.
     clock.set(now + 2 * 60 * MINUTE);
-    refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(cycle(&mut refresher, &clock, untouched()).await.users, 0);
     assert_eq!(top(7).await, Some(vec![(2, 2), (3, 1)]));
     clock.set(now + 2 * 60 * MINUTE + MINUTE);
-    refresher.cycle(&clock).await.expect("cycle");
+    assert_eq!(cycle(&mut refresher, &clock, untouched()).await.users, 1);
     assert_eq!(top(7).await, Some(vec![(3, 1)]));
 
-    // A day later, nothing is left: no answer at once, and no keys once the tombstone expires.
+    // A day later, nothing is left: no answer at once, no keys once the tombstone expires, and
+    // the user leaves the ageing index.
     clock.set(now + DAY + MINUTE);
-    let report = refresher.cycle(&clock).await.expect("cycle");
+    let report = cycle(&mut refresher, &clock, untouched()).await;
     assert_eq!(report.refreshed.emptied, 1, "{report:?}");
     assert_eq!(top(7).await, None);
+    assert_eq!(scheduled(7).await, None);
     wait_for_no_keys(&mut conn, prefix, 7).await;
     assert_eq!(
         top(8).await,
@@ -702,7 +822,6 @@ async fn answers_age_with_the_window_until_no_keys_are_left() {
 #[tokio::test]
 async fn warmup_and_racing_refreshers_never_regress() {
     let env = env(common::redis_args()).await;
-    let prefix = env.redis_args.prefix.as_str();
     let users = 40 * common::scale() as u64;
     let mut rng = common::workload::rng("warmup");
     let now = common::workload::now_ms();
@@ -718,7 +837,7 @@ async fn warmup_and_racing_refreshers_never_regress() {
         },
         ..settings()
     };
-    let refresh = Refresh::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let refresh = env.refresh(&settings);
     let report = topk_refresher::warmup(&refresh, &env.client, &clock, 7, CancellationToken::new())
         .await
         .expect("warm-up");
@@ -747,9 +866,13 @@ async fn warmup_and_racing_refreshers_never_regress() {
     flush(&env.store, &more, 1_000_000).await;
     plays.extend(&more);
     clock.advance_ms(MINUTE);
-    let mut a = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings);
-    let mut b = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings);
-    let (ra, rb) = tokio::join!(a.cycle(&clock), b.cycle(&clock));
+    let new = || env.refresher(env.client.clone(), &settings);
+    let (mut a, mut b) = (new(), new());
+    let (touches, all) = (touched(&more), owned());
+    let (ra, rb) = tokio::join!(
+        a.cycle(&clock, &all, &touches),
+        b.cycle(&clock, &all, &touches)
+    );
     let (ra, rb) = (ra.expect("cycle a"), rb.expect("cycle b"));
     assert!(ra.refreshed.failed.is_empty() && rb.refreshed.failed.is_empty());
     env.assert_exact(&plays, users, clock.now_ms(), "two refreshers")
@@ -845,8 +968,8 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
     ];
     flush(&env.store, &plays, 0).await;
     let settings = settings();
-    let refresh = Refresh::new(env.client.clone(), env.redis.clone(), prefix, &settings);
-    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings);
+    let refresh = env.refresh(&settings);
+    let mut refresher = env.refresher(env.client.clone(), &settings);
     let mut conn = env.redis.get().await.expect("connection");
     let mut warmup = topk_refresher::Warmup::new(&refresh, &env.client, &clock, 1);
 
@@ -920,7 +1043,12 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
     }];
     flush(&env.store, &more, 100).await;
     plays.extend(more);
-    let cycle = refresher.cycle(&clock).await.expect("cycle");
+    // The refresher's first cycle reads every touch so far (a new group reads the topic from
+    // its start).
+    let cycle = refresher
+        .cycle(&clock, &owned(), &touched(&plays))
+        .await
+        .expect("cycle");
     assert_eq!(
         (
             cycle.users,
@@ -1015,22 +1143,44 @@ async fn a_failing_clickhouse_delays_answers_but_loses_none() {
     flush(&env.store, &plays, 0).await;
 
     let broken = topk::olap::client(&common::clickhouse_args("no_such_database_for_topk"));
-    let mut refresher = Refresher::new(broken, env.redis.clone(), prefix, &settings());
-    assert!(refresher.cycle(&clock).await.is_err());
-    // A good ClickHouse for the change queries but a failing one for the answers: the users
-    // are kept for the next cycle.
-    let refresh = Refresh::new(
-        topk::olap::client(&common::clickhouse_args("no_such_database_for_topk")),
-        env.redis.clone(),
-        prefix,
-        &settings(),
-    );
-    let failed = refresh.users(&[5], Window::at(now), now).await;
-    assert_eq!(failed.failed, vec![5]);
+    let mut refresher = env.refresher(broken, &settings());
+    let touches = touched(&plays);
+    let report = refresher
+        .cycle(&clock, &owned(), &touches)
+        .await
+        .expect("the cycle runs");
+    assert_eq!(report.refreshed.failed, vec![5]);
+    let partition = topk::touches::partition_of(5, PARTITIONS);
+    let others: Vec<i32> = owned().into_iter().filter(|&p| p != partition).collect();
+    assert_eq!(report.settled, others, "user 5's touches are not committed");
+    assert_eq!(refresher.pending(), 1);
     assert_eq!(env.redis.read_top(prefix, 5, 10).await.expect("read"), None);
+    // The pending user is retried without its touch (which the group would still hold).
+    let report = refresher
+        .cycle(&clock, &owned(), &untouched())
+        .await
+        .expect("the cycle runs");
+    assert_eq!(report.refreshed.failed, vec![5]);
+    // A catch-up page of a partition whose ClickHouse fails fails the cycle: nothing settles.
+    refresher.catch_up(partition);
+    assert!(
+        refresher
+            .cycle(&clock, &owned(), &untouched())
+            .await
+            .is_err()
+    );
+    assert!(refresher.catching_up(partition));
+    // Revoked: forgotten, the next owner re-reads the touch.
+    refresher.forget(&[partition]);
+    assert_eq!(refresher.pending(), 0);
+    assert!(!refresher.catching_up(partition));
 
-    let mut refresher = Refresher::new(env.client.clone(), env.redis.clone(), prefix, &settings());
-    refresher.cycle(&clock).await.expect("cycle");
+    let mut refresher = env.refresher(env.client.clone(), &settings());
+    let report = refresher
+        .cycle(&clock, &owned(), &touches)
+        .await
+        .expect("cycle");
+    assert_eq!(report.settled, owned());
     env.assert_exact(&plays, 5, now, "after recovery").await;
     common::drop_database(&env.clickhouse).await;
 }

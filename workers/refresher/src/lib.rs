@@ -3,20 +3,28 @@
 //!
 //! # Layout
 //!
-//! - [`changes`]: which users may have a new answer (touched by a flush; window moved);
-//! - [`refresh`]: recomputing a set of users with the batch query, and the refresher's cursors;
+//! - [`member`]: `topk refresh`, a member of the refreshers' consumer group on
+//!   `<topic>.touches`: touched users collected per partition, a cycle every
+//!   `--refresh-interval`, commits of the partitions a cycle settled;
+//! - [`cycle`]: the cycle over the owned partitions (touched, due, failed before, caught up);
+//! - [`ageing`]: the ageing index in Redis, when each answer next changes without new plays;
+//! - [`refresh`]: recomputing a set of users with the batch query, storing and scheduling them;
+//! - [`changes`]: the users with plays in the window, paged (warm-up, catch-up);
 //! - [`warmup`]: every user with plays in the window, paged (each page at its own instant),
 //!   with progress;
-//! - [`events`]: the log line and metric of each event;
-//! - [`run`]: a cycle every `--refresh-interval` until shutdown.
+//! - [`events`]: the log line and metric of each event.
 //!
 //! Answers are written with `topk::cache::replace_all` (the `replace_top` Lua script: atomic,
-//! version-guarded replace with TTL), shared with the API's write-back.
+//! version-guarded replace with TTL), shared with the API's write-back; schedules with
+//! `lua/schedule.lua`, version-guarded the same way.
 //!
 //! The invariants and the argument for them are in ARCHITECTURE.md ("The refresher").
 
+pub mod ageing;
 pub mod changes;
+pub mod cycle;
 pub mod events;
+pub mod member;
 pub mod refresh;
 pub mod warmup;
 
@@ -27,9 +35,15 @@ use clap::builder::TypedValueParser as _;
 use tokio_util::sync::CancellationToken;
 use topk::cache::{CacheError, Redis};
 use topk::clock::SharedClock;
-use topk::config::{CachePolicyArgs, ClickHouseArgs, RedisArgs, TelemetryArgs};
+use topk::config::{
+    CachePolicyArgs, ClickHouseArgs, KafkaArgs, MemberArgs, RedisArgs, TelemetryArgs,
+};
+use topk::group::MemberError;
+use topk::touches::TouchError;
 
-pub use refresh::{CycleReport, Refresh, Refreshed, Refresher};
+pub use cycle::{CycleReport, Refresher};
+pub use member::run;
+pub use refresh::{Refresh, Refreshed};
 pub use warmup::{Warmup, WarmupPage, WarmupReport, warmup};
 
 /// Errors of the refresher and the warm-up.
@@ -43,6 +57,10 @@ pub enum RefreshError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    #[error(transparent)]
+    Touches(#[from] TouchError),
 }
 
 /// How answers are computed and stored: shared by `topk refresh` and `topk warmup`.
@@ -60,21 +78,24 @@ pub struct RefreshSettings {
     /// write-back has the same policy, flags and variables).
     #[command(flatten)]
     pub cache: CachePolicyArgs,
-    /// Overlap of consecutive reads of the users touched by flushes: longer than an insert into
-    /// ClickHouse can take to become visible (the aggregator already assumes its inserts finish
-    /// within its 10 s session timeout). A touched user is recomputed up to
-    /// 1 + margin / interval times.
-    #[arg(long, env = "TOPK_REFRESH_TOUCH_MARGIN", default_value = "30s", value_parser = topk::config::duration)]
-    pub touch_margin: Duration,
-    /// How far back the first cycle of a process looks (touches and window movement). After a
-    /// longer outage, run `topk warmup`.
-    #[arg(long, env = "TOPK_REFRESH_CATCH_UP", default_value = "1h", value_parser = topk::config::duration)]
-    pub catch_up: Duration,
+    /// Users a refresher reads from ClickHouse per cycle for each touches partition it catches
+    /// up (one whose touches were lost: a new group, a committed offset past retention).
+    #[arg(long, env = "TOPK_REFRESH_CATCH_UP_PAGE", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000).map(|n| n as usize))]
+    pub catch_up_page: usize,
 }
 
 /// `topk refresh`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RefresherArgs {
+    /// The plays topic: the refreshers consume its touches, `<topic>.touches`.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Consumer group of the refreshers (independent of the aggregators' and the archivers').
+    #[arg(long, env = "TOPK_REFRESH_GROUP", default_value = "topk-refresher")]
+    pub group: String,
+    #[command(flatten)]
+    pub member: MemberArgs,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]
@@ -91,6 +112,9 @@ pub struct RefresherArgs {
 /// `topk warmup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WarmupArgs {
+    /// The plays topic: the warm-up schedules answers by the partitions of `<topic>.touches`.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]
@@ -103,45 +127,22 @@ pub struct WarmupArgs {
     pub page_size: usize,
 }
 
-/// Runs a refresh cycle every `refresh_interval` until `shutdown`. A failing ClickHouse or
-/// Redis is logged and retried at the next cycle; the process never stops for it. Stopping in
-/// the middle of a cycle is safe: every stored answer is complete and versioned.
-pub async fn run(
-    args: RefresherArgs,
-    clock: SharedClock,
-    shutdown: CancellationToken,
-) -> Result<(), RefreshError> {
-    let redis = Redis::connect(&args.redis)?;
-    let client = topk::olap::client(&args.clickhouse);
-    let mut refresher = Refresher::new(client, redis, &args.redis.prefix, &args.settings);
-    let mut tick = tokio::time::interval(args.refresh_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            result = refresher.cycle(clock.as_ref()) => {
-                if let Err(error) = result {
-                    events::cycle_failed(&error);
-                }
-            }
-        }
-    }
-    tracing::info!("refresher stopped");
-    Ok(())
-}
-
 /// `topk warmup` as a library call.
 pub async fn run_warmup(
     args: WarmupArgs,
     clock: SharedClock,
     shutdown: CancellationToken,
 ) -> Result<WarmupReport, RefreshError> {
+    let producer = topk::kafka::producer(&args.kafka.brokers).map_err(MemberError::from)?;
+    let partitions = topk::touches::partitions(&producer, &args.kafka.touches_topic()).await?;
     let redis = Redis::connect(&args.redis)?;
     let client = topk::olap::client(&args.clickhouse);
-    let refresh = Refresh::new(client.clone(), redis, &args.redis.prefix, &args.settings);
+    let refresh = Refresh::new(
+        client.clone(),
+        redis,
+        &args.redis.prefix,
+        partitions,
+        &args.settings,
+    );
     warmup(&refresh, &client, clock.as_ref(), args.page_size, shutdown).await
 }

@@ -1,18 +1,17 @@
-//! One refresh: recompute a set of users' answers with the batch query and store them with the
-//! guarded script. [`Refresh::users`] is shared by the refresher's cycles and the warm-up;
-//! [`Refresher`] keeps the cursors that say which users changed since its previous cycle.
+//! One refresh: recompute a set of users' answers with the batch query, store them with the
+//! guarded script and schedule when each next changes in the ageing index. [`Refresh::users`]
+//! is shared by the refresher's cycles and the warm-up.
 
-use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
 
 use clickhouse::Client;
 use futures::{SinkExt, StreamExt};
 use topk::cache::{self, Answer, Outcome, Redis, Target};
-use topk::clock::Clock;
-use topk::query::TopQuery;
-use topk::window::{MAX_LIMIT, RankedSong, Window};
+use topk::query::{Computed, TopQuery};
+use topk::window::{MAX_LIMIT, Window};
 
-use crate::{RefreshError, RefreshSettings, changes, events};
+use crate::ageing::Ageing;
+use crate::{RefreshError, RefreshSettings, events};
 
 /// What a refresh of a set of users did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,16 +46,26 @@ pub struct Refresh {
     pub query: TopQuery,
     pub redis: Redis,
     pub target: Target,
+    pub ageing: Ageing,
     pub batch_size: usize,
     pub concurrency: usize,
 }
 
 impl Refresh {
-    pub fn new(client: Client, redis: Redis, prefix: &str, settings: &RefreshSettings) -> Self {
+    /// A refresh storing under `prefix`, scheduling in the ageing index of a touches topic of
+    /// `partitions` partitions.
+    pub fn new(
+        client: Client,
+        redis: Redis,
+        prefix: &str,
+        partitions: u32,
+        settings: &RefreshSettings,
+    ) -> Self {
         Refresh {
             query: TopQuery::new(client),
             redis,
             target: Target::new(prefix, &settings.cache),
+            ageing: Ageing::new(prefix, partitions),
             batch_size: settings.batch_size.max(1),
             concurrency: settings.concurrency.max(1),
         }
@@ -97,7 +106,7 @@ impl Refresh {
                 .map(|chunk| async move {
                     // Every answer keeps MAX_LIMIT songs, so the API answers any limit from the
                     // cache.
-                    let answers = self.query.top_for_users(chunk, window, MAX_LIMIT).await;
+                    let answers = self.query.answers_for_users(chunk, window, MAX_LIMIT).await;
                     (chunk, answers)
                 })
                 .buffer_unordered(self.concurrency);
@@ -137,12 +146,13 @@ impl Refresh {
     }
 
     /// Stores the computed answers of `users` (every user of the chunk: one without plays in
-    /// the window gets the empty answer).
+    /// the window gets the empty answer), then schedules them. An answer stored but not
+    /// scheduled is recomputed when the chunk is retried.
     async fn store(
         &self,
         conn: &topk::cache::Conn,
         users: &[u64],
-        answers: &HashMap<u64, Vec<RankedSong>>,
+        computed: &HashMap<u64, Computed>,
         window: Window,
         computed_at_ms: i64,
     ) -> Result<Refreshed, redis::RedisError> {
@@ -150,11 +160,18 @@ impl Refresh {
             .iter()
             .map(|user_id| Answer {
                 user_id: *user_id,
-                songs: answers.get(user_id).map_or(&[], Vec::as_slice),
+                songs: computed.get(user_id).map_or(&[], |c| c.songs.as_slice()),
             })
             .collect();
         let outcomes =
             cache::replace_all(conn, &self.target, &answers, window, computed_at_ms).await?;
+        let schedule: Vec<(u64, Option<u32>)> = users
+            .iter()
+            .map(|user_id| (*user_id, computed.get(user_id).and_then(|c| c.changes_at)))
+            .collect();
+        self.ageing
+            .schedule(conn, &schedule, computed_at_ms)
+            .await?;
         let mut done = Refreshed::default();
         for outcome in outcomes {
             match outcome {
@@ -164,98 +181,5 @@ impl Refresh {
             }
         }
         Ok(done)
-    }
-}
-
-/// What one refresher cycle did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CycleReport {
-    pub window: Window,
-    pub computed_at_ms: i64,
-    /// Users recomputed: touched since the previous cycle, in minutes that left or entered the
-    /// window, or left over from a failed chunk.
-    pub users: usize,
-    pub refreshed: Refreshed,
-}
-
-/// The refresher's state between cycles. Several refreshers may run at once: each keeps its own
-/// cursors, and the guard in the script makes their writes commute.
-#[derive(Debug)]
-pub struct Refresher {
-    refresh: Refresh,
-    client: Client,
-    touch_margin: Duration,
-    catch_up: Duration,
-    /// Server time of the previous touched-users read.
-    touch_cursor: Option<u32>,
-    /// The window of the previous cycle.
-    window: Option<Window>,
-    /// Users of failed chunks, retried next cycle.
-    pending: BTreeSet<u64>,
-}
-
-impl Refresher {
-    pub fn new(client: Client, redis: Redis, prefix: &str, settings: &RefreshSettings) -> Self {
-        Refresher {
-            refresh: Refresh::new(client.clone(), redis, prefix, settings),
-            client,
-            touch_margin: settings.touch_margin,
-            catch_up: settings.catch_up,
-            touch_cursor: None,
-            window: None,
-            pending: BTreeSet::new(),
-        }
-    }
-
-    /// One cycle: find the users whose answer may have changed and recompute them. The cursors
-    /// move only once the changed users are known, and the users of failed chunks are kept for
-    /// the next cycle, so a ClickHouse or Redis failure delays answers but loses none.
-    ///
-    /// The first cycle of a process has no previous cursors: it looks back `catch_up` (touches
-    /// and window movement). After a longer outage, run `topk warmup`.
-    pub async fn cycle(&mut self, clock: &dyn Clock) -> Result<CycleReport, RefreshError> {
-        let started = Instant::now();
-        let computed_at_ms = clock.now_ms();
-        let window = Window::at(computed_at_ms);
-        let catch_up = u32::try_from(self.catch_up.as_secs()).unwrap_or(u32::MAX);
-        let margin = u32::try_from(self.touch_margin.as_secs()).unwrap_or(u32::MAX);
-
-        let server_now = changes::server_now(&self.client).await?;
-        let since = self
-            .touch_cursor
-            .map_or(server_now.saturating_sub(catch_up), |c| {
-                c.saturating_sub(margin)
-            });
-        let touched = changes::touched_since(&self.client, since).await?;
-        let previous = self.window.unwrap_or(Window {
-            start: window.start.saturating_sub(catch_up),
-            end: window.end.saturating_sub(catch_up),
-        });
-        let moved = changes::moved(&self.client, previous, window).await?;
-
-        let mut users = std::mem::take(&mut self.pending);
-        users.extend(touched);
-        users.extend(moved);
-        self.touch_cursor = Some(server_now);
-        if self.window.is_none_or(|w| w.start < window.start) {
-            self.window = Some(window);
-        }
-
-        let users: Vec<u64> = users.into_iter().collect();
-        let refreshed = self.refresh.users(&users, window, computed_at_ms).await;
-        self.pending.extend(refreshed.failed.iter().copied());
-        let report = CycleReport {
-            window,
-            computed_at_ms,
-            users: users.len(),
-            refreshed,
-        };
-        events::cycle_done(&report, started.elapsed());
-        Ok(report)
-    }
-
-    /// Users waiting for a retry after a failed chunk.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
     }
 }

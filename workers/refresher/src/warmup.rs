@@ -135,7 +135,8 @@ impl<'a> Warmup<'a> {
         // decided from newer data in between).
         let computed_at_ms = self.clock.now_ms();
         let window = Window::at(computed_at_ms);
-        let users = changes::users_page(self.client, window, self.after, self.page_size).await?;
+        let users =
+            changes::users_page(self.client, window, None, self.after, self.page_size).await?;
         let Some(&last) = users.last() else {
             self.report.complete = true;
             return Ok(None);
