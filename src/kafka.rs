@@ -171,6 +171,17 @@ pub async fn ensure_topics(
     Ok(())
 }
 
+/// Runs a blocking librdkafka call (metadata, committed offsets, watermarks) off the async
+/// runtime's threads. A call whose task panicked or was cancelled with the runtime reads as
+/// [`KafkaError::Canceled`].
+pub async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
+
 /// The offsets `group` has committed on every partition of `topic` (0 where it never committed:
 /// a member starts there). Reading them does not join the group. Blocking: call it from
 /// `spawn_blocking` in async code.

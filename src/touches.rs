@@ -78,15 +78,12 @@ pub fn user_of(payload: &[u8]) -> Result<u64, BadTouch> {
 pub async fn partitions(producer: &FutureProducer, topic: &str) -> Result<u32, TouchError> {
     let producer = producer.clone();
     let name = topic.to_owned();
-    // librdkafka's metadata request blocks its caller.
-    let metadata = tokio::task::spawn_blocking(move || {
+    let metadata = crate::kafka::blocking(move || {
         producer
             .client()
             .fetch_metadata(Some(&name), METADATA_TIMEOUT)
     })
-    .await
-    // The blocking task panicked or was cancelled with the runtime.
-    .unwrap_or(Err(KafkaError::Canceled));
+    .await;
     partitions_in(metadata, topic)
 }
 

@@ -59,7 +59,7 @@ pub async fn flush(store: &Store, plays: &[Play], first_offset: u64) {
     store.write_counts(&[&batch]).await.expect("counts");
     store.write_touches(&[&batch]).await.expect("day touches");
     store
-        .write_user_touches(&[&batch])
+        .write_user_touches(&topk_aggregator::store::touched_users(&[&batch]))
         .await
         .expect("user touches");
 }

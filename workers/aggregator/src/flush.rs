@@ -2,7 +2,6 @@
 //! server-side write deadline, counts, touches, dead letters, commit; every step keeps only the
 //! partitions still held in the generation the flush took them from ("Fencing").
 
-use std::collections::BTreeSet;
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use topk::group;
 
 use crate::events;
 use crate::held::{Core, Taken};
+use crate::store::touched_users;
 use crate::worker::Worker;
 
 /// Why a flush failed (the batches are kept and retried).
@@ -200,16 +200,13 @@ impl Worker {
             .write_touches(&batches)
             .await
             .map_err(FlushError::Touches)?;
+        let users = touched_users(&batches);
         self.store
-            .write_user_touches(&batches)
+            .write_user_touches(&users)
             .await
             .map_err(FlushError::Touches)?;
         // After the counts are acknowledged (visible): a refresher that reads a touch finds
         // its counts. Before the commit: a crash replays the range and publishes them again.
-        let users: BTreeSet<u64> = batches
-            .iter()
-            .flat_map(|batch| batch.counts.keys().map(|&(user_id, _, _)| user_id))
-            .collect();
         topk::touches::publish(&self.producer, &self.touches_topic, &users)
             .await
             .map_err(FlushError::PublishTouches)?;

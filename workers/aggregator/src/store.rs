@@ -123,6 +123,14 @@ const INTENT_COLUMNS: &str = "topic, src_partition, start_offset, end_offset, ba
 /// Requests without a deadline of their own (tests and tools that build a `Store`).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The users `batches` count plays for: whom a flush touches.
+pub fn touched_users(batches: &[&Batch]) -> BTreeSet<u64> {
+    batches
+        .iter()
+        .flat_map(|batch| batch.counts.keys().map(|&(user_id, _, _)| user_id))
+        .collect()
+}
+
 impl Store {
     pub fn new(client: Client, topic: &str) -> Self {
         Store {
@@ -281,12 +289,8 @@ impl Store {
     /// again: harmless.
     pub async fn write_user_touches(
         &self,
-        batches: &[&Batch],
+        users: &BTreeSet<u64>,
     ) -> Result<(), clickhouse::error::Error> {
-        let users: BTreeSet<u64> = batches
-            .iter()
-            .flat_map(|batch| batch.counts.keys().map(|&(user_id, _, _)| user_id))
-            .collect();
-        self.timed(tables::touch_users(&self.client, &users)).await
+        self.timed(tables::touch_users(&self.client, users)).await
     }
 }

@@ -409,9 +409,9 @@ async fn write_and_replace(
     // After the counts, as the aggregator does: the rollups of these days are out of date.
     let touched_days: BTreeSet<u32> = days.iter().map(|&d| d as u32).collect();
     tables::touch_days(client, &touched_days).await?;
-    // Then the users, as the aggregator does: the refresher finds changed answers only through
-    // `user_touches` and the window's movement. After the day touches, so that a recomputation
-    // these touches trigger never reads a replaced day from its old rollup.
+    // Then the users, as the aggregator does (their touches are published by `run` once this
+    // returns). After the day touches, so that a recomputation these touches trigger never
+    // reads a replaced day from its old rollup.
     tables::touch_users(client, &users).await?;
     Ok(Replaced { rows, users })
 }

@@ -129,11 +129,10 @@ impl Refreshing {
         }
         let consumer = Arc::clone(member.consumer());
         let (topic, asked) = (self.topic.clone(), unchecked.clone());
-        let starts = tokio::task::spawn_blocking(move || {
+        let starts = topk::kafka::blocking(move || {
             topk::kafka::partition_starts(&*consumer, &topic, &asked, METADATA_TIMEOUT)
         })
-        .await
-        .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+        .await;
         let starts = match starts {
             Ok(starts) => starts,
             Err(error) => {
@@ -265,11 +264,9 @@ async fn touch_partitions(
     loop {
         let consumer = Arc::clone(member.consumer());
         let name = topic.to_owned();
-        let metadata = tokio::task::spawn_blocking(move || {
-            consumer.fetch_metadata(Some(&name), METADATA_TIMEOUT)
-        })
-        .await
-        .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+        let metadata =
+            topk::kafka::blocking(move || consumer.fetch_metadata(Some(&name), METADATA_TIMEOUT))
+                .await;
         match touches::partitions_in(metadata, topic) {
             Ok(partitions) => return Some(partitions),
             Err(error) => {
