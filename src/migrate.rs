@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "utc_day_partitions",
         sql: include_str!("../schema/008_utc_day_partitions.sql"),
     },
+    Migration {
+        version: 9,
+        name: "drop_user_touches",
+        sql: include_str!("../schema/009_drop_user_touches.sql"),
+    },
 ];
 
 /// Errors applying migrations.
@@ -246,7 +251,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(keys, 2, "008 rebuilds plays_minute and user_touches");
+        assert_eq!(
+            keys, 2,
+            "008 rebuilds plays_minute and user_touches (dropped by 009)"
+        );
     }
 
     #[test]

@@ -49,7 +49,6 @@ async fn migrate_twice_leaves_the_schema_unchanged() {
             "plays_minute",
             "rollup_log",
             "schema_migrations",
-            "user_touches",
         ]
     );
 

@@ -1,6 +1,6 @@
-//! The rows and day keys of the tables every writer shares: `plays_minute` (the counts),
-//! `user_touches` (whom the refresher recomputes) and `day_touches` (which rollups are out of
-//! date). The aggregator's flush and `topk backfill` write them the same way through here.
+//! The rows and day keys of the tables every writer shares: `plays_minute` (the counts) and
+//! `day_touches` (which rollups are out of date). The aggregator's flush and `topk backfill`
+//! write them the same way through here.
 
 use std::collections::BTreeSet;
 
@@ -48,12 +48,6 @@ pub async fn write_plays(
     }
     insert.end().await?;
     Ok(written)
-}
-
-/// A row of `user_touches` (`touched_at` is the server's `now()` at insert).
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct UserTouchRow {
-    pub user_id: u64,
 }
 
 /// Start of the UTC day containing `secs`.
@@ -105,23 +99,6 @@ pub async fn touch_days(
         ))
         .execute()
         .await
-}
-
-/// Marks `users` as changed, after their counts and before the offsets are committed, so that
-/// the refresher recomputes exactly them. One RowBinary stream however many users; `touched_at`
-/// comes from the column's DEFAULT (the server's clock). Writing them again is harmless.
-pub async fn touch_users(
-    client: &Client,
-    users: &BTreeSet<u64>,
-) -> Result<(), clickhouse::error::Error> {
-    if users.is_empty() {
-        return Ok(());
-    }
-    let mut insert = client.insert::<UserTouchRow>("user_touches").await?;
-    for &user_id in users {
-        insert.write(&UserTouchRow { user_id }).await?;
-    }
-    insert.end().await
 }
 
 #[cfg(test)]

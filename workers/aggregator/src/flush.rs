@@ -201,10 +201,6 @@ impl Worker {
             .await
             .map_err(FlushError::Touches)?;
         let users = touched_users(&batches);
-        self.store
-            .write_user_touches(&users)
-            .await
-            .map_err(FlushError::Touches)?;
         // After the counts are acknowledged (visible): a refresher that reads a touch finds
         // its counts. Before the commit: a crash replays the range and publishes them again.
         topk::touches::publish(&self.producer, &self.touches_topic, &users)

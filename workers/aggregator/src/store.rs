@@ -1,6 +1,6 @@
 //! What the aggregator reads from and writes to ClickHouse: flush intents (`flush_log`, its
-//! row here) and play counts (`plays_minute`, `user_touches`, `day_touches`: rows and writes
-//! shared with the backfill in `topk::olap::tables`).
+//! row here) and play counts (`plays_minute`, `day_touches`: rows and writes shared with the
+//! backfill in `topk::olap::tables`).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -282,15 +282,5 @@ impl Store {
             })
             .collect();
         self.timed(tables::touch_days(&self.client, &days)).await
-    }
-
-    /// Records the users the flush wrote counts for (step 3, after the counts, before the
-    /// commit), so that the refresher recomputes exactly those users. A replay writes them
-    /// again: harmless.
-    pub async fn write_user_touches(
-        &self,
-        users: &BTreeSet<u64>,
-    ) -> Result<(), clickhouse::error::Error> {
-        self.timed(tables::touch_users(&self.client, users)).await
     }
 }

@@ -91,7 +91,7 @@ pub struct BackfillReport {
     pub rejected: u64,
     /// Rows written to `plays_minute`.
     pub rows: u64,
-    /// Users given a `user_touches` row: those with counts in the replaced days before the
+    /// Users given a touch: those with counts in the replaced days before the
     /// replace or after it, so that the refresher recomputes every answer the backfill changed.
     pub users_touched: u64,
     /// Places where offsets were missing between two objects.
@@ -407,12 +407,10 @@ async fn write_and_replace(
             .await?;
     }
     // After the counts, as the aggregator does: the rollups of these days are out of date.
+    // Before the users' touches, which `run` publishes once this returns, so that a
+    // recomputation they trigger never reads a replaced day from its old rollup.
     let touched_days: BTreeSet<u32> = days.iter().map(|&d| d as u32).collect();
     tables::touch_days(client, &touched_days).await?;
-    // Then the users, as the aggregator does (their touches are published by `run` once this
-    // returns). After the day touches, so that a recomputation these touches trigger never
-    // reads a replaced day from its old rollup.
-    tables::touch_users(client, &users).await?;
     Ok(Replaced { rows, users })
 }
 

@@ -13,7 +13,7 @@ use topk::window::{DAY_SECS, Window};
 use crate::MaintenanceError;
 
 /// Tables partitioned by `toYYYYMMDD(<day>)`.
-const DAY_PARTITIONED: [&str; 4] = ["plays_minute", "day_touches", "rollup_log", "user_touches"];
+const DAY_PARTITIONED: [&str; 3] = ["plays_minute", "day_touches", "rollup_log"];
 /// Tables partitioned by `toYYYYMM(<day>)`: a month goes once all of it is below the cut-off.
 const MONTH_PARTITIONED: [&str; 1] = ["plays_daily"];
 
