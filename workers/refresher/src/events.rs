@@ -33,6 +33,11 @@ pub fn cycle_done(report: &CycleReport, elapsed: Duration) {
     );
 }
 
+/// The touches partitions this member owns this cycle: how the group splits the users.
+pub fn owned(partitions: &[i32]) {
+    metrics::gauge!("topk_refresh_owned_partitions").set(partitions.len() as f64);
+}
+
 /// A cycle could not find the changed users (nothing written, nothing committed).
 pub fn cycle_failed(error: &RefreshError) {
     metrics::counter!("topk_refresh_cycle_failures_total").increment(1);

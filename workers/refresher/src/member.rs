@@ -160,6 +160,7 @@ impl Refreshing {
         let revoked = std::mem::take(&mut member.context().state().revoked);
         self.refresher.forget(&revoked);
         let owned = self.owned(member);
+        events::owned(&owned);
         let unchecked = self.check_assigned(member, &owned).await;
         let touched: BTreeMap<i32, BTreeSet<u64>> = {
             let state = member.context().state();
