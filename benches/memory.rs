@@ -37,28 +37,6 @@ fn rss(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn topk_release_bin() -> std::path::PathBuf {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "topk-cli",
-            "--bin",
-            "topk",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building topk (release) failed");
-    std::env::var("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"))
-        .join("release/topk")
-}
-
 struct Aggregator {
     child: Child,
     database: topk::config::ClickHouseArgs,
@@ -111,19 +89,10 @@ impl Aggregator {
 
 /// Events the aggregator has consumed, from its own Prometheus endpoint.
 async fn consumed(metrics: &str) -> u64 {
-    let url = metrics.to_owned();
-    let output =
-        tokio::task::spawn_blocking(move || Command::new("curl").args(["-sf", &url]).output())
-            .await
-            .ok()
-            .and_then(Result::ok);
-    let text = output
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|line| line.strip_prefix("topk_aggregator_consumed_total "))
-        .and_then(|n| n.trim().parse::<f64>().ok())
-        .map_or(0, |n| n as u64)
+    common::metric_sum(
+        &common::scrape(metrics).await,
+        "topk_aggregator_consumed_total ",
+    ) as u64
 }
 
 #[tokio::main]
@@ -135,7 +104,7 @@ async fn main() {
         .filter_map(|mib| mib.trim().parse::<u64>().ok())
         .map(|mib| mib << 20)
         .collect();
-    let bin = topk_release_bin();
+    let bin = common::topk_release_bin();
     let broker = topk_devbroker::DevBroker::start(100).expect("mock cluster");
     let brokers = broker.bootstrap_servers();
     // The dev broker keeps the last 100k messages or 5 MB of a partition: enough partitions

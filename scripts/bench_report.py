@@ -90,6 +90,13 @@ def rows(results: dict) -> list:
         get(refresh, "per_user_baseline", "users_per_s"),
         get(refresh, "ratio_refresher_over_baseline"),
     ))
+    group = results.get("refresh_group", {})
+    out.append((
+        "Refreshers: users/s of two processes in one group vs one (same stack)",
+        get(group, "two_members_users_per_s"),
+        get(group, "one_member_users_per_s"),
+        get(group, "ratio_two_over_one"),
+    ))
     api = results.get("api", {})
     if api and "error" not in api:
         out.append((

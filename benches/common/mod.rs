@@ -53,9 +53,21 @@ pub async fn generate_minute_rows(
     users: u64,
     rows: u64,
 ) {
-    let span = 9 * 86_400u64;
+    generate_minute_rows_over(client, window, users, rows, 9).await;
+}
+
+/// [`generate_minute_rows`] over the `days` days before `window` ends (under 7: no answer
+/// ages for a day).
+pub async fn generate_minute_rows_over(
+    client: &clickhouse::Client,
+    window: topk::window::Window,
+    users: u64,
+    rows: u64,
+    days: u64,
+) {
+    let span = days * 86_400;
     let newest = u64::from(window.end) - 60;
-    eprintln!("generating {rows} minute rows for {users} users over 9 days…");
+    eprintln!("generating {rows} minute rows for {users} users over {days} days…");
     client
         .query(&format!(
             "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
@@ -92,6 +104,56 @@ pub async fn roll_up_and_merge(client: &clickhouse::Client) -> usize {
         .await
         .expect("optimize");
     rolled.days.len()
+}
+
+/// The release `topk` binary, built first if missing or stale: what a bench runs as a child
+/// process (the bench profile builds the library crates, not the `topk-cli` binary).
+pub fn topk_release_bin() -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "topk-cli",
+                "--bin",
+                "topk",
+            ])
+            .current_dir(&root)
+            .status()
+            .expect("cargo runs");
+    assert!(status.success(), "building topk (release) failed");
+    std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join("release/topk")
+}
+
+/// The text of a Prometheus endpoint (`http://…/metrics`), empty when it does not answer.
+pub async fn scrape(url: &str) -> String {
+    let url = url.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sf", &url])
+            .output()
+    })
+    .await
+    .ok()
+    .and_then(Result::ok);
+    output
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The sum of the samples whose line starts with `prefix` (a metric name, with `{` for all
+/// its label sets or a space for the unlabelled one).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Produces `events` valid plays of `users` users and 10,000 songs spread over the last hour;
