@@ -41,7 +41,7 @@ async fn top_prints_the_api_json_from_clickhouse_then_from_redis() {
     let migrated = json(&topk(&["migrate"], &clickhouse, &redis));
     assert_eq!(
         migrated["applied"],
-        serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8])
+        serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9])
     );
 
     let now_minute = topk::window::Window::at(common::workload::now_ms()).end - 60;
