@@ -45,10 +45,7 @@ struct Aggregator {
 
 fn spawn_aggregator(bin: &std::path::Path, brokers: &str, topic: &str, cap: u64) -> Aggregator {
     let database = common::clickhouse_args("topk_mem");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = common::free_port();
     let child = Command::new(bin)
         .args([
             "aggregate",
@@ -74,15 +71,9 @@ fn spawn_aggregator(bin: &std::path::Path, brokers: &str, topic: &str, cap: u64)
 }
 
 impl Aggregator {
-    async fn stop(mut self) {
+    async fn stop(self) {
         // SIGTERM: the final flush, then exit 0.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = self.child.wait();
-        })
-        .await;
+        common::terminate(self.child).await;
         common::drop_database(&self.database).await;
     }
 }

@@ -63,11 +63,8 @@ impl Member {
 
     /// SIGTERM: it commits what it settled and leaves the group, which hands its partitions on
     /// at once.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+    async fn stop(self) {
+        common::terminate(self.child).await;
     }
 }
 
@@ -80,10 +77,7 @@ struct Group<'a> {
 
 impl Group<'_> {
     fn start(&self, name: &str) -> Member {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = common::free_port();
         let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).expect("log");
         let child = Command::new(self.bin)
             .arg("refresh")
@@ -251,7 +245,7 @@ async fn main() {
     for (phase, size) in [(0, 1), (1, 2), (2, 1)] {
         match (size, second.take()) {
             (2, None) => second = Some(group.start("refresh-b")),
-            (_, Some(member)) => Member::stop(member),
+            (_, Some(member)) => member.stop().await,
             _ => {}
         }
         let members: Vec<&Member> = std::iter::once(&first).chain(second.as_ref()).collect();
@@ -300,12 +294,13 @@ async fn main() {
         }));
     }
     if let Some(member) = second {
-        member.stop();
+        member.stop().await;
     }
-    first.stop();
+    first.stop().await;
     common::drop_database(&args).await;
 
-    // The median round of each phase; the baseline is the mean of the two one-member phases.
+    // The median round of each phase; the baseline is the mean of the two one-member phases'
+    // medians.
     let median = |phase: &serde_json::Value| {
         let mut rates: Vec<f64> = phase["rounds"]
             .as_array()

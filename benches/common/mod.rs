@@ -131,6 +131,22 @@ pub fn topk_release_bin() -> std::path::PathBuf {
         .join("release/topk")
 }
 
+/// A port free on loopback now, for a child process's `--metrics-addr`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// SIGTERM to a `topk` child (a role ends its work and exits), then waits for it to exit.
+pub async fn terminate(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+}
+
 /// The text of a Prometheus endpoint (`http://…/metrics`), empty when it does not answer.
 pub async fn scrape(url: &str) -> String {
     let url = url.to_owned();
