@@ -142,6 +142,27 @@ pub struct ClickHouseArgs {
     /// `TOPK_CLICKHOUSE_PASSWORD`, read when the arguments are parsed.
     #[arg(skip = Secret::from_env("TOPK_CLICKHOUSE_PASSWORD"))]
     pub password_env: Option<Secret>,
+    /// Run on a sharded ClickHouse cluster: the name of the cluster in the servers'
+    /// `remote_servers`. Each user's rows live on shard `user_id % shards`; the protocol tables
+    /// (flush log, rollup log, day touches) on the server of `--clickhouse-url`. Requires
+    /// `--clickhouse-shard-urls`.
+    #[arg(
+        id = "clickhouse_cluster",
+        long = "clickhouse-cluster",
+        env = "TOPK_CLICKHOUSE_CLUSTER",
+        requires = "clickhouse_shard_urls"
+    )]
+    pub cluster: Option<String>,
+    /// The HTTP endpoint of every shard of `--clickhouse-cluster`, comma-separated, in the
+    /// cluster's shard order (checked against the cluster at start).
+    #[arg(
+        id = "clickhouse_shard_urls",
+        long = "clickhouse-shard-urls",
+        env = "TOPK_CLICKHOUSE_SHARD_URLS",
+        value_delimiter = ',',
+        requires = "clickhouse_cluster"
+    )]
+    pub shard_urls: Vec<String>,
 }
 
 impl ClickHouseArgs {

@@ -3,9 +3,10 @@
 //! Every statement is written to run on ClickHouse 18.16 and on a current ClickHouse (no TTL,
 //! no LowCardinality, no insert deduplication settings). Applied versions are recorded in
 //! `schema_migrations`; statements are `IF NOT EXISTS`, so a migration interrupted half-way is
-//! simply applied again.
+//! simply applied again. On a cluster every server gets them, then the Distributed tables
+//! (ARCHITECTURE.md, "ClickHouse as a sharded cluster").
 
-use clickhouse::Row;
+use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClickHouseArgs;
@@ -80,6 +81,10 @@ pub enum MigrateError {
         #[source]
         source: clickhouse::error::Error,
     },
+    #[error("cluster name {0:?} is not a plain name ([A-Za-z0-9_.-]+)")]
+    BadClusterName(String),
+    #[error(transparent)]
+    Layout(#[from] olap::LayoutError),
     #[error("ClickHouse error")]
     ClickHouse(#[from] clickhouse::error::Error),
 }
@@ -121,6 +126,19 @@ fn column_already_added(statement: &str, error: &clickhouse::error::Error) -> bo
             if message.contains("Code: 44,") && message.contains("already exists"))
 }
 
+/// Cluster names of `remote_servers` may also hold `-` and `.`; never a quote.
+fn check_cluster_name(name: &str) -> Result<(), MigrateError> {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        Ok(())
+    } else {
+        Err(MigrateError::BadClusterName(name.to_owned()))
+    }
+}
+
 fn check_identifier(name: &str) -> Result<(), MigrateError> {
     if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         Ok(())
@@ -134,15 +152,76 @@ pub async fn run(args: &ClickHouseArgs) -> Result<MigrateReport, MigrateError> {
     run_through(args, u32::MAX).await
 }
 
+/// The tables whose rows are split by user across the shards of a cluster; every other table
+/// is a protocol table, used on the meta server only.
+pub const SHARDED_TABLES: [&str; 2] = ["plays_minute", "plays_daily"];
+
+/// The Distributed table over a sharded table on every shard: `plays_minute_all` for ad-hoc
+/// reads of the whole cluster (topk itself reads each user on the user's shard).
+pub fn distributed_table(table: &str) -> String {
+    format!("{table}_all")
+}
+
 /// [`run`], but only the migrations up to version `last`: a database as deployed before the
 /// later ones existed (the upgrade tests start from one).
+///
+/// On a cluster (`--clickhouse-cluster`) every server — the meta server and each shard —
+/// gets the same migrations, so one schema serves both roles and an upgrade is the same
+/// statements everywhere (the protocol tables on the shards stay empty). The shard URLs are
+/// checked against the cluster first, then every server gets the Distributed tables
+/// (`plays_minute_all`, `plays_daily_all`, sharding key `user_id`). The report is the meta
+/// server's.
 pub async fn run_through(args: &ClickHouseArgs, last: u32) -> Result<MigrateReport, MigrateError> {
     check_identifier(&args.database)?;
-    olap::server_client(args)
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {}", args.database))
+    let report = apply(&olap::server_client(args), &args.database, last).await?;
+    let Some(cluster) = &args.cluster else {
+        return Ok(report);
+    };
+    check_cluster_name(cluster)?;
+    // The layout check reads each shard with the database as its default: create it first
+    // (an empty database on a server that then turns out to be the wrong one harms nothing).
+    for url in &args.shard_urls {
+        olap::server_client_at(args, url)
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {}", args.database))
+            .execute()
+            .await?;
+    }
+    let layout = olap::Olap::open(args);
+    layout.check_layout(args).await?;
+    let mut servers = vec![olap::server_client(args)];
+    for url in args.shard_urls.iter().filter(|url| **url != args.url) {
+        let shard = olap::server_client_at(args, url);
+        apply(&shard, &args.database, last).await?;
+        servers.push(shard);
+    }
+    let database = &args.database;
+    for server in &servers {
+        for table in SHARDED_TABLES {
+            let all = distributed_table(table);
+            server
+                .query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {database}.{all} AS {database}.{table} \
+                     ENGINE = Distributed('{cluster}', '{database}', '{table}', user_id)"
+                ))
+                .execute()
+                .await?;
+        }
+    }
+    tracing::info!(
+        cluster,
+        shards = args.shard_urls.len(),
+        "cluster migrated: every shard and the Distributed tables"
+    );
+    Ok(report)
+}
+
+/// Every migration up to `last` not yet recorded in `database` on the server of `server`.
+async fn apply(server: &Client, database: &str, last: u32) -> Result<MigrateReport, MigrateError> {
+    server
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
         .execute()
         .await?;
-    let client = olap::client(args);
+    let client = server.clone().with_database(database);
     client
         .query(
             "CREATE TABLE IF NOT EXISTS schema_migrations \
@@ -262,5 +341,7 @@ mod tests {
         assert!(check_identifier("topk_test_1").is_ok());
         assert!(check_identifier("topk; DROP").is_err());
         assert!(check_identifier("").is_err());
+        assert!(check_cluster_name("topk-eu.1").is_ok());
+        assert!(check_cluster_name("topk'").is_err());
     }
 }

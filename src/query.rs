@@ -21,10 +21,11 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use clickhouse::{Client, Row};
+use clickhouse::Row;
 use serde::Deserialize;
 
 use crate::event::WINDOW_MINUTES;
+use crate::olap::Olap;
 use crate::olap::tables::date_literal;
 use crate::window::{DAY_SECS, RankedSong, Window, rank};
 
@@ -113,7 +114,7 @@ pub struct CleanDay {
 /// The exact top-K query.
 #[derive(Clone)]
 pub struct TopQuery {
-    client: Client,
+    olap: Olap,
     /// Clean days found by the latest lookup, the guess for the next query (shared by clones).
     last_clean: Arc<Mutex<Vec<CleanDay>>>,
 }
@@ -125,9 +126,10 @@ impl std::fmt::Debug for TopQuery {
 }
 
 impl TopQuery {
-    pub fn new(client: Client) -> Self {
+    /// The query over `olap`'s tables (a `Client` is a single server).
+    pub fn new(olap: impl Into<Olap>) -> Self {
         TopQuery {
-            client,
+            olap: olap.into(),
             last_clean: Arc::default(),
         }
     }
@@ -151,7 +153,7 @@ impl TopQuery {
                 FROM day_touches WHERE day >= {first} AND day <= {last}) \
              GROUP BY day HAVING max(touched) < argMax(rolled, v) ORDER BY day_start"
         );
-        Ok(self.client.query(&sql).fetch_all::<CleanDay>().await?)
+        Ok(self.olap.meta().query(&sql).fetch_all::<CleanDay>().await?)
     }
 
     /// The inner SELECT of (user_id, song_id, n, at) rows of the window for the users in
@@ -326,8 +328,22 @@ impl TopQuery {
         users: &[u64],
         limit: usize,
     ) -> Result<Vec<AnswerRow>, QueryError> {
-        let sql = Self::answers_sql(window, clean_days, users, limit);
-        Ok(self.client.query(&sql).fetch_all().await?)
+        // Every row of a user is on the user's shard: each shard answers for its own users,
+        // side by side, with the same SQL a single server runs.
+        let shards = self.olap.shards();
+        let queries = self
+            .olap
+            .by_shard(users.iter().copied(), |&user| user)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, users)| !users.is_empty())
+            .map(|(shard, users)| {
+                let sql = Self::answers_sql(window, clean_days, &users, limit);
+                let client = &shards[shard];
+                async move { client.query(&sql).fetch_all::<AnswerRow>().await }
+            });
+        let rows = futures::future::try_join_all(queries).await?;
+        Ok(rows.into_iter().flatten().collect())
     }
 
     /// The full days of `window` that were clean at the previous lookup.

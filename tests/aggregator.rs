@@ -35,6 +35,19 @@ async fn setup(partitions: i32) -> Setup {
     }
 }
 
+/// The same with the counts on the stack's 2-shard ClickHouse cluster.
+async fn setup_cluster(partitions: i32) -> Setup {
+    let (broker, topic) = common::dev_broker(partitions);
+    let brokers = broker.bootstrap_servers();
+    let clickhouse = common::migrated_cluster_database().await;
+    Setup {
+        broker: Some(broker),
+        brokers,
+        topic,
+        clickhouse,
+    }
+}
+
 /// The same on the durable broker the test stack runs (tansu).
 async fn setup_tansu(partitions: i32) -> Setup {
     let (brokers, topic) = common::tansu_topics(partitions).await;
@@ -121,6 +134,9 @@ async fn oracle_exact_totals_and_dead_letters(setup: Setup, events: usize) {
         "every rejection kind was exercised: {:?}",
         load.dead
     );
+    if setup.clickhouse.cluster.is_some() {
+        common::assert_users_on_their_shards(&setup.clickhouse, load.total()).await;
+    }
     common::drop_database(&setup.clickhouse).await;
 }
 
@@ -129,6 +145,12 @@ async fn oracle_on_the_dev_broker() {
     // The full version's 200k events need more partitions (see `common::dev_broker`).
     let partitions = if common::scale() > 1 { 32 } else { 4 };
     oracle_exact_totals_and_dead_letters(setup(partitions).await, scale(20_000)).await;
+}
+
+/// The counts on a 2-shard cluster: exact totals, every user's rows on its shard alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_on_the_cluster() {
+    oracle_exact_totals_and_dead_letters(setup_cluster(4).await, scale(10_000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,22 +21,31 @@ fn start_worker(
         "aggregate".to_owned(),
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
-        format!("--clickhouse-url={}", clickhouse.url),
-        format!("--clickhouse-database={}", clickhouse.database),
         "--group=crash-test".to_owned(),
         "--kafka-session-timeout=2s".to_owned(),
         "--flush-interval=200ms".to_owned(),
     ];
+    args.extend(common::clickhouse_flags(clickhouse));
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     common::spawn_topk(&args, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
+    kill_9_at_random_moments(common::migrated_database().await).await;
+}
+
+/// The same on the stack's 2-shard ClickHouse cluster: a kill between the shards' inserts
+/// leaves one shard written and the other not, and the replay makes both exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_on_the_cluster_loses_and_duplicates_nothing() {
+    kill_9_at_random_moments(common::migrated_cluster_database().await).await;
+}
+
+async fn kill_9_at_random_moments(clickhouse: topk::config::ClickHouseArgs) {
     // The full version's 450k events need more partitions (see `common::dev_broker`).
     let (broker, topic) = common::dev_broker(if common::scale() > 1 { 32 } else { 4 });
     let brokers = broker.bootstrap_servers();
-    let clickhouse = common::migrated_database().await;
     let logs = tempfile::tempdir().expect("log dir");
     let mut rng = workload::rng("crash");
     let mut load = Workload::new();

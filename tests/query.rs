@@ -53,8 +53,22 @@ async fn check(query: &TopQuery, plays: &[Play], users: &[u64], window: Window, 
 
 #[tokio::test]
 async fn exact_top_k_across_rollups_late_plays_and_days() {
-    let clickhouse = common::migrated_database().await;
-    let client = topk::olap::client(&clickhouse);
+    exact_top_k_across_rollups_late_plays_and_days_on(common::migrated_database().await).await;
+}
+
+/// The same on the stack's 2-shard ClickHouse cluster: each user's rows, rollups and
+/// retention on its shard, the clean-day logs on the meta server.
+#[tokio::test]
+async fn exact_top_k_across_rollups_late_plays_and_days_on_the_cluster() {
+    let clickhouse = common::migrated_cluster_database().await;
+    exact_top_k_across_rollups_late_plays_and_days_on(clickhouse.clone()).await;
+}
+
+async fn exact_top_k_across_rollups_late_plays_and_days_on(
+    clickhouse: topk::config::ClickHouseArgs,
+) {
+    // A single server or a cluster: the same test through the same layout every role uses.
+    let client = topk::olap::Olap::open(&clickhouse);
     let store = Store::new(client.clone(), "plays");
     let query = TopQuery::new(client.clone());
     let mut rng = common::workload::rng("query");
@@ -207,9 +221,15 @@ async fn exact_top_k_across_rollups_late_plays_and_days() {
         "prune is idempotent"
     );
 
-    let in_window = common::plays::users_in_window(&client, later).await;
+    let in_window = common::plays::users_in_window(client.clone(), later).await;
     let expected: Vec<u64> = oracle(&plays, later, 1).into_keys().collect();
     assert_eq!(in_window, expected);
+    if clickhouse.cluster.is_some() {
+        let total = common::workload::grand_total(&clickhouse)
+            .await
+            .expect("total");
+        common::assert_users_on_their_shards(&clickhouse, total).await;
+    }
     common::drop_database(&clickhouse).await;
 }
 

@@ -28,6 +28,14 @@ fn stack(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
             format!("{} {} {}", base_port + 4, base_port + 5, base_port + 6),
         )
         .env("TOPK_STACK_S3_PORT", (base_port + 7).to_string())
+        .env(
+            "TOPK_STACK_CH_CLUSTER_HTTP_PORTS",
+            format!("{} {}", base_port + 8, base_port + 9),
+        )
+        .env(
+            "TOPK_STACK_CH_CLUSTER_TCP_PORTS",
+            format!("{} {}", base_port + 10, base_port + 11),
+        )
         .output()
         .expect("scripts/stack runs");
     assert!(
@@ -60,6 +68,18 @@ fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
+/// Brings the private stack down when the test fails half-way, so that its servers do not
+/// outlive it on ports a later run may be given.
+struct DownOnPanic<'a>(&'a Path, u16);
+
+impl Drop for DownOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            stack(self.0, self.1, "down");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn up_twice_then_down_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -67,14 +87,18 @@ async fn up_twice_then_down_leaves_nothing() {
     // port + 10,000 (the cluster bus), which must stay below the kernel's ephemeral range
     // (32,768 on): there any client connection of the tests beside this one could hold it, and
     // the node exits at start (seen once in CI: bus port 33,234). So base + 6 + 10,000 < 32,768.
-    let base: u16 = 21_000 + (std::process::id() % 170) as u16 * 10;
+    let base: u16 = 21_000 + (std::process::id() % 170) as u16 * 12;
 
+    let _down = DownOnPanic(dir.path(), base);
     stack(dir.path(), base, "up");
     let first = pids(dir.path());
     assert_eq!(
         first.keys().collect::<Vec<_>>(),
         [
             "clickhouse",
+            "clickhouse-cluster",
+            "clickhouse-shard-1",
+            "clickhouse-shard-2",
             "devbroker",
             "redis",
             "redis-cluster",
@@ -84,7 +108,12 @@ async fn up_twice_then_down_leaves_nothing() {
             "s3",
         ]
     );
-    assert!(first.values().all(|&pid| alive(pid)));
+    for (service, &pid) in &first {
+        assert!(
+            alive(pid),
+            "{service} (pid {pid}) is not running after up: {first:?}"
+        );
+    }
     assert!(stack(dir.path(), base, "status").status.success());
 
     stack(dir.path(), base, "up");
@@ -127,6 +156,20 @@ async fn up_twice_then_down_leaves_nothing() {
     let info = String::from_utf8_lossy(&cluster.stdout);
     assert!(info.contains("cluster_state:ok"), "{info}");
     assert!(info.contains("cluster_known_nodes:3"), "{info}");
+
+    // Each shard of the ClickHouse cluster knows both: a query over the cluster reaches two
+    // servers.
+    for http_port in [base + 8, base + 9] {
+        let shard = clickhouse::Client::default()
+            .with_url(format!("http://127.0.0.1:{http_port}"))
+            .with_validation(false);
+        let servers: u64 = shard
+            .query("SELECT count() FROM cluster('topk', system.one)")
+            .fetch_one()
+            .await
+            .expect("a query over the cluster");
+        assert_eq!(servers, 2, "shard on port {http_port}");
+    }
 
     stack(dir.path(), base, "down");
     assert!(pids(dir.path()).is_empty(), "pid files removed");

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use topk::cache::Redis;
 use topk::clock::SharedClock;
 use topk::config::{CachePolicyArgs, ClickHouseArgs, RedisArgs, TelemetryArgs};
+use topk::olap::Olap;
 use topk::query::TopQuery;
 use topk::telemetry::Chain;
 
@@ -165,6 +166,8 @@ pub enum ServeError {
     /// The `--metrics-addr` listener.
     #[error(transparent)]
     Metrics(#[from] observe::MetricsError),
+    #[error(transparent)]
+    Layout(#[from] topk::olap::LayoutError),
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -181,8 +184,8 @@ pub struct Inner {
     pub redis: conn::SharedConn,
     pub prefix: String,
     pub query: TopQuery,
-    /// For the readiness ping.
-    pub clickhouse: clickhouse::Client,
+    /// For the readiness ping (every server of a cluster).
+    pub clickhouse: Olap,
     pub clock: SharedClock,
     pub settings: ApiSettings,
     /// `None`: authentication off.
@@ -211,7 +214,7 @@ impl AppState {
     pub fn new(
         redis: Redis,
         prefix: &str,
-        clickhouse: clickhouse::Client,
+        clickhouse: impl Into<Olap>,
         clock: SharedClock,
         settings: ApiSettings,
         auth: Option<auth::Auth>,
@@ -225,7 +228,9 @@ impl AppState {
         // ClickHouse stops a computation the API has given up on (the client's deadline alone
         // leaves the query running on the server).
         let max_execution_secs = settings.olap_timeout.as_secs().max(1).to_string();
-        let clickhouse = clickhouse.with_setting("max_execution_time", max_execution_secs);
+        let clickhouse = clickhouse
+            .into()
+            .with_setting("max_execution_time", max_execution_secs);
         AppState(Arc::new(Inner {
             redis: conn::SharedConn::new(redis),
             prefix: prefix.to_owned(),
@@ -382,7 +387,7 @@ pub async fn run(
     let state = AppState::new(
         redis,
         &args.redis.prefix,
-        topk::olap::client(&args.clickhouse),
+        topk::olap::Olap::connect(&args.clickhouse).await?,
         clock,
         args.settings,
         auth,

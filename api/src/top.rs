@@ -407,10 +407,7 @@ pub const READINESS_TTL: Duration = Duration::from_secs(1);
 async fn check_readiness(state: &Inner) -> Ready {
     let (redis, clickhouse) = tokio::join!(
         within(state.settings.redis_timeout, state.redis.redis().ping()),
-        within(
-            state.settings.olap_timeout,
-            topk::olap::ping(&state.clickhouse)
-        ),
+        within(state.settings.olap_timeout, state.clickhouse.ping()),
     );
     Ready {
         redis: redis.is_ok(),

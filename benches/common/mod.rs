@@ -34,6 +34,8 @@ pub fn clickhouse_args(prefix: &str) -> topk::config::ClickHouseArgs {
         user: "default".into(),
         password_file: None,
         password_env: None,
+        cluster: None,
+        shard_urls: Vec::new(),
     }
 }
 

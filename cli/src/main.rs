@@ -201,7 +201,8 @@ async fn main() -> anyhow::Result<()> {
                     use topk::clock::Clock as _;
                     let now = clock.now_ms();
                     let window = topk::window::Window::at(now);
-                    let query = topk::query::TopQuery::new(topk::olap::client(&clickhouse));
+                    let olap = topk::olap::Olap::connect(&clickhouse).await?;
+                    let query = topk::query::TopQuery::new(olap);
                     let songs = query
                         .top_for_user(user_id, window, limit)
                         .await
@@ -219,14 +220,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Rollup { all, clickhouse } => {
             topk::telemetry::init_logging();
-            let client = topk::olap::client(&clickhouse);
-            let report = topk_maintenance::rollup(&client, &topk::clock::SystemClock, all).await?;
+            let olap = topk::olap::Olap::connect(&clickhouse).await?;
+            let report = topk_maintenance::rollup(olap, &topk::clock::SystemClock, all).await?;
             print_line(&serde_json::to_string(&report)?)?;
         }
         Command::Prune { clickhouse } => {
             topk::telemetry::init_logging();
-            let client = topk::olap::client(&clickhouse);
-            let report = topk_maintenance::prune(&client, &topk::clock::SystemClock).await?;
+            let olap = topk::olap::Olap::connect(&clickhouse).await?;
+            let report = topk_maintenance::prune(olap, &topk::clock::SystemClock).await?;
             print_line(&serde_json::to_string(&report)?)?;
         }
         Command::Maintain(args) => {

@@ -52,6 +52,9 @@ pub enum MemberError {
         "the final {what} did not succeed within the shutdown timeout; the next owner re-reads the uncommitted offsets"
     )]
     Unfinished { what: &'static str },
+    /// The ClickHouse cluster is not the one `--clickhouse-shard-urls` describes.
+    #[error(transparent)]
+    Layout(#[from] crate::olap::LayoutError),
 }
 
 /// What the loop does after a message.

@@ -1,12 +1,13 @@
-//! The rows and day keys of the tables every writer shares: `plays_minute` (the counts) and
-//! `day_touches` (which rollups are out of date). The aggregator's flush and `topk backfill`
-//! write them the same way through here.
+//! The rows and day keys of the tables every writer shares: `plays_minute` (the counts, on the
+//! shard of each user) and `day_touches` (which rollups are out of date, on the meta server).
+//! The aggregator's flush and `topk backfill` write them the same way through here.
 
 use std::collections::BTreeSet;
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 
+use crate::olap::Olap;
 use crate::window::DAY_SECS;
 
 /// A row of `plays_minute`.
@@ -48,6 +49,28 @@ pub async fn write_plays(
     }
     insert.end().await?;
     Ok(written)
+}
+
+/// Writes `rows` to `table` (`plays_minute`, or a staging table of its shape on every shard)
+/// with each row on the shard of its user: one insert per shard, side by side. Returns how
+/// many. When one shard's insert fails the others may have landed: a retry of the same rows
+/// lands them again under the same keys, which `FINAL` reads as one (ARCHITECTURE.md,
+/// "ClickHouse as a sharded cluster").
+pub async fn write_plays_sharded(
+    olap: &Olap,
+    table: &str,
+    rows: impl IntoIterator<Item = PlayRow>,
+) -> Result<u64, clickhouse::error::Error> {
+    let inserts = olap
+        .by_shard(rows, |row| row.user_id)
+        .into_iter()
+        .zip(olap.shards())
+        .filter(|(rows, _)| !rows.is_empty())
+        .map(|(rows, shard)| write_plays(shard, table, rows));
+    Ok(futures::future::try_join_all(inserts)
+        .await?
+        .into_iter()
+        .sum())
 }
 
 /// Start of the UTC day containing `secs`.

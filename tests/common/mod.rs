@@ -87,6 +87,8 @@ pub fn clickhouse_args(database: &str) -> ClickHouseArgs {
         user: "default".to_owned(),
         password_file: None,
         password_env: None,
+        cluster: None,
+        shard_urls: Vec::new(),
     }
 }
 
@@ -99,12 +101,98 @@ pub async fn migrated_database() -> ClickHouseArgs {
     args
 }
 
-/// Drops a test database (best effort, at the end of a test).
+/// ClickHouse settings pointing at `database` on the stack's 2-shard cluster
+/// (`scripts/stack up clickhouse-cluster`): the protocol tables on shard 1.
+pub fn cluster_args(database: &str) -> ClickHouseArgs {
+    let shard_urls: Vec<String> = env_or(
+        "TOPK_TEST_CLICKHOUSE_SHARD_URLS",
+        "http://127.0.0.1:8131,http://127.0.0.1:8132",
+    )
+    .split(',')
+    .map(str::to_owned)
+    .collect();
+    ClickHouseArgs {
+        url: shard_urls[0].clone(),
+        cluster: Some(env_or("TOPK_TEST_CLICKHOUSE_CLUSTER", "topk")),
+        shard_urls,
+        ..clickhouse_args(database)
+    }
+}
+
+/// The `topk` flags naming the ClickHouse of `args` (server or cluster, and database).
+pub fn clickhouse_flags(args: &ClickHouseArgs) -> Vec<String> {
+    let mut flags = vec![
+        format!("--clickhouse-url={}", args.url),
+        format!("--clickhouse-database={}", args.database),
+    ];
+    if let Some(cluster) = &args.cluster {
+        flags.push(format!("--clickhouse-cluster={cluster}"));
+        flags.push(format!(
+            "--clickhouse-shard-urls={}",
+            args.shard_urls.join(",")
+        ));
+    }
+    flags
+}
+
+/// On a cluster: each shard holds rows of its own users only (`user_id % shards`), asked of
+/// the shard directly, and the Distributed table `plays_minute_all` (queried on every server)
+/// sees `total` plays, every shard's.
+pub async fn assert_users_on_their_shards(args: &ClickHouseArgs, total: u64) {
+    let olap = topk::olap::Olap::open(args);
+    let shards = olap.shards().len() as u64;
+    assert!(shards > 1, "a cluster");
+    let mut users_seen = 0;
+    for (index, shard) in olap.shards().iter().enumerate() {
+        let users: Vec<u64> = shard
+            .query("SELECT DISTINCT user_id FROM plays_minute")
+            .fetch_all()
+            .await
+            .expect("users of a shard");
+        assert!(!users.is_empty(), "shard {} holds no user", index + 1);
+        for user in &users {
+            assert_eq!(
+                user % shards,
+                index as u64,
+                "user {user} on shard {}",
+                index + 1
+            );
+        }
+        users_seen += users.len();
+        let through_distributed: u64 = shard
+            .query("SELECT sum(plays) FROM plays_minute_all FINAL")
+            .fetch_one()
+            .await
+            .expect("a read of the Distributed table");
+        assert_eq!(
+            through_distributed,
+            total,
+            "plays_minute_all on shard {}",
+            index + 1
+        );
+    }
+    assert!(users_seen > 0);
+}
+
+/// A new database on the stack's cluster, every migration applied on every shard.
+pub async fn migrated_cluster_database() -> ClickHouseArgs {
+    let args = cluster_args(&unique("topk_test"));
+    topk::migrate::run(&args).await.expect(
+        "migrations apply on a fresh cluster database (scripts/stack up clickhouse-cluster)",
+    );
+    args
+}
+
+/// Drops a test database (best effort, at the end of a test), on every shard of a cluster.
 pub async fn drop_database(args: &ClickHouseArgs) {
-    let _ = topk::olap::server_client(args)
-        .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
-        .execute()
-        .await;
+    let sql = format!("DROP DATABASE IF EXISTS {}", args.database);
+    let _ = topk::olap::server_client(args).query(&sql).execute().await;
+    for url in &args.shard_urls {
+        let _ = topk::olap::server_client_at(args, url)
+            .query(&sql)
+            .execute()
+            .await;
+    }
 }
 
 /// Redis settings with a key prefix of the test's own.
@@ -274,9 +362,8 @@ pub fn aggregator_args(
     let mut argv = vec![
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
-        format!("--clickhouse-url={}", clickhouse.url),
-        format!("--clickhouse-database={}", clickhouse.database),
     ];
+    argv.extend(clickhouse_flags(clickhouse));
     if !extra.iter().any(|flag| flag.starts_with("--group")) {
         argv.push(format!("--group={}", unique("aggregator")));
     }

@@ -76,15 +76,23 @@ pub fn ranked(
         .collect()
 }
 
-/// Every user with at least one row in `plays_minute` inside `window`, ascending.
-pub async fn users_in_window(client: &clickhouse::Client, window: Window) -> Vec<u64> {
+/// Every user with at least one row in `plays_minute` inside `window`, ascending (every
+/// shard's on a cluster).
+pub async fn users_in_window(olap: impl Into<topk::olap::Olap>, window: Window) -> Vec<u64> {
     let (start, end) = (window.start, window.end);
-    client
-        .query(&format!(
-            "SELECT DISTINCT user_id FROM plays_minute \
-             WHERE minute >= toDateTime({start}) AND minute < toDateTime({end}) ORDER BY user_id"
-        ))
-        .fetch_all::<u64>()
-        .await
-        .expect("users in window")
+    let mut users = Vec::new();
+    for shard in olap.into().shards() {
+        users.extend(
+            shard
+                .query(&format!(
+                    "SELECT DISTINCT user_id FROM plays_minute \
+                     WHERE minute >= toDateTime({start}) AND minute < toDateTime({end})"
+                ))
+                .fetch_all::<u64>()
+                .await
+                .expect("users in window"),
+        );
+    }
+    users.sort_unstable();
+    users
 }

@@ -12,7 +12,8 @@ use topk::config::{ClickHouseArgs, RedisArgs};
 pub struct Spec {
     /// Names its folder (`topk-<name>-…`) and its messages.
     pub name: &'static str,
-    /// The `scripts/stack` services it runs: any of `redis`, `clickhouse`, `tansu`.
+    /// The `scripts/stack` services it runs: any of `redis`, `clickhouse`,
+    /// `clickhouse-cluster`, `tansu`.
     pub services: &'static [&'static str],
     /// The topic tansu is given (with its dead-letter topic) and their partitions.
     pub topic: &'static str,
@@ -46,6 +47,9 @@ pub struct PrivateStack {
     ch_http_port: u16,
     ch_tcp_port: u16,
     kafka_port: u16,
+    /// HTTP and native ports of the clickhouse-cluster service's two shards.
+    shard_http_ports: [u16; 2],
+    shard_tcp_ports: [u16; 2],
 }
 
 impl PrivateStack {
@@ -68,6 +72,8 @@ impl PrivateStack {
             ch_http_port: super::free_port(),
             ch_tcp_port: super::free_port(),
             kafka_port: super::free_port(),
+            shard_http_ports: [super::free_port(), super::free_port()],
+            shard_tcp_ports: [super::free_port(), super::free_port()],
         };
         std::fs::create_dir_all(stack.logs()).expect("log dir");
         stack.run("up", spec.services).await;
@@ -99,6 +105,7 @@ impl PrivateStack {
             .env("TOPK_STACK_CH_HTTP_PORT", self.ch_http_port.to_string())
             .env("TOPK_STACK_CH_TCP_PORT", self.ch_tcp_port.to_string())
             .env("TOPK_STACK_KAFKA_PORT", self.kafka_port.to_string())
+            .envs(self.cluster_ports())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -127,6 +134,22 @@ impl PrivateStack {
     pub fn clickhouse(&self) -> ClickHouseArgs {
         ClickHouseArgs {
             url: format!("http://127.0.0.1:{}", self.ch_http_port),
+            ..super::clickhouse_args(self.spec.database)
+        }
+    }
+
+    /// Its clickhouse-cluster service: the cluster `topk` of two shards, the meta server on
+    /// shard 1.
+    pub fn clickhouse_cluster(&self) -> ClickHouseArgs {
+        let shard_urls: Vec<String> = self
+            .shard_http_ports
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect();
+        ClickHouseArgs {
+            url: shard_urls[0].clone(),
+            cluster: Some("topk".to_owned()),
+            shard_urls,
             ..super::clickhouse_args(self.spec.database)
         }
     }
@@ -164,6 +187,29 @@ impl PrivateStack {
     }
 }
 
+impl PrivateStack {
+    /// The ports of its clickhouse-cluster service, as `scripts/stack` reads them.
+    fn cluster_ports(&self) -> [(&'static str, String); 2] {
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        [
+            (
+                "TOPK_STACK_CH_CLUSTER_HTTP_PORTS",
+                list(&self.shard_http_ports),
+            ),
+            (
+                "TOPK_STACK_CH_CLUSTER_TCP_PORTS",
+                list(&self.shard_tcp_ports),
+            ),
+        ]
+    }
+}
+
 impl Drop for PrivateStack {
     fn drop(&mut self) {
         let mut command = std::process::Command::new(super::workspace_root().join("scripts/stack"));
@@ -172,6 +218,7 @@ impl Drop for PrivateStack {
             .args(self.spec.services)
             .env("TOPK_STACK_DIR", self.path().join("stack"))
             .env("TOPK_BROKER", "tansu")
+            .envs(self.cluster_ports())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         let _ = command.status();

@@ -193,25 +193,38 @@ struct TotalRow {
     plays: u64,
 }
 
-/// Plays per (user, song) in ClickHouse, deduplicated by the full key as every reader must.
+/// Plays per (user, song) in ClickHouse, deduplicated by the full key as every reader must: on
+/// a cluster, every shard's (a user's rows are on one shard, so the maps never overlap).
 pub async fn totals(args: &topk::config::ClickHouseArgs) -> BTreeMap<(u64, u64), u64> {
-    let rows: Vec<TotalRow> = topk::olap::client(args)
-        .query("SELECT user_id, song_id, sum(plays) AS plays FROM plays_minute FINAL GROUP BY user_id, song_id")
-        .fetch_all()
-        .await
-        .expect("totals query");
-    rows.into_iter()
-        .map(|r| ((r.user_id, r.song_id), r.plays))
-        .collect()
+    let mut totals = BTreeMap::new();
+    for shard in topk::olap::Olap::open(args).shards() {
+        let rows: Vec<TotalRow> = shard
+            .query("SELECT user_id, song_id, sum(plays) AS plays FROM plays_minute FINAL GROUP BY user_id, song_id")
+            .fetch_all()
+            .await
+            .expect("totals query");
+        for r in rows {
+            assert!(
+                totals.insert((r.user_id, r.song_id), r.plays).is_none(),
+                "user {} has rows on two shards",
+                r.user_id
+            );
+        }
+    }
+    totals
 }
 
-/// Sum of all plays in ClickHouse (`None` while ClickHouse does not answer).
+/// Sum of all plays in ClickHouse, every shard's (`None` while ClickHouse does not answer).
 pub async fn grand_total(args: &topk::config::ClickHouseArgs) -> Option<u64> {
-    topk::olap::client(args)
-        .query("SELECT sum(plays) FROM plays_minute FINAL")
-        .fetch_one::<u64>()
-        .await
-        .ok()
+    let mut total = 0;
+    for shard in topk::olap::Olap::open(args).shards() {
+        total += shard
+            .query("SELECT sum(plays) FROM plays_minute FINAL")
+            .fetch_one::<u64>()
+            .await
+            .ok()?;
+    }
+    Some(total)
 }
 
 /// Waits until ClickHouse holds at least `expected` plays, then a little longer so that an

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use topk::counting::batch::{Batch, Rules};
 use topk::counting::partition::Intent;
+use topk::olap::Olap;
 use topk::olap::tables::{self, PlayRow};
 
 /// A row of `flush_log`.
@@ -100,7 +101,10 @@ fn partition_u32(partition: i32) -> u32 {
 /// The aggregator's view of ClickHouse.
 #[derive(Clone)]
 pub struct Store {
+    /// The meta server: `flush_log`, `day_touches` and the clock of the fence.
     client: Client,
+    /// Where the counts go: each user's on the user's shard.
+    olap: Olap,
     topic: String,
     /// Deadline of every request (`--clickhouse-timeout`): a flush whose server stalls gives up
     /// instead of holding the flush lock past a rebalance (ARCHITECTURE.md, "Fencing").
@@ -132,9 +136,12 @@ pub fn touched_users(batches: &[&Batch]) -> BTreeSet<u64> {
 }
 
 impl Store {
-    pub fn new(client: Client, topic: &str) -> Self {
+    /// The store over `olap`'s tables (a `Client` is a single server).
+    pub fn new(olap: impl Into<Olap>, topic: &str) -> Self {
+        let olap = olap.into();
         Store {
-            client,
+            client: olap.meta().clone(),
+            olap,
             topic: topic.to_owned(),
             timeout: DEFAULT_TIMEOUT,
         }
@@ -261,12 +268,8 @@ impl Store {
         &self,
         batches: &[&Batch],
     ) -> Result<u64, clickhouse::error::Error> {
-        tables::write_plays(
-            &self.client,
-            "plays_minute",
-            play_rows(batches, &self.topic),
-        )
-        .await
+        tables::write_plays_sharded(&self.olap, "plays_minute", play_rows(batches, &self.topic))
+            .await
     }
 
     /// Records that the flush wrote counts for these UTC days (step 3 of a flush, after the

@@ -243,8 +243,11 @@ pub async fn run(args: AggregatorArgs, shutdown: CancellationToken) -> Result<()
         core: Mutex::new(Core::default()),
         flush_lock: tokio::sync::Mutex::new(()),
         in_flight_bytes: AtomicU64::new(0),
-        store: Store::new(topk::olap::client(&args.clickhouse), &args.kafka.topic)
-            .with_timeout(args.clickhouse_timeout),
+        store: Store::new(
+            topk::olap::Olap::connect(&args.clickhouse).await?,
+            &args.kafka.topic,
+        )
+        .with_timeout(args.clickhouse_timeout),
         producer: topk::kafka::producer(&args.kafka.brokers)?,
         topic: args.kafka.topic.clone(),
         dlq_topic: args.kafka.dlq_topic(),

@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use topk::counting::{Counts, Message, Outcome, PartitionState};
 use topk::event::MAX_FUTURE_MS;
+use topk::olap::Olap;
 use topk::olap::tables::{self, PlayRow};
 
 use crate::BackfillArgs;
@@ -45,6 +46,8 @@ pub enum BackfillError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Layout(#[from] topk::olap::LayoutError),
     #[error("reading the archive")]
     Read(#[from] object_store::Error),
     #[error("archive object {object}")]
@@ -208,7 +211,8 @@ pub async fn run(args: &BackfillArgs) -> Result<BackfillReport, BackfillError> {
     report.plays = cells.values().sum();
 
     let days: Vec<i64> = (since_s..until_s).step_by(DAY_SECS as usize).collect();
-    let replaced = replace_days(&topk::olap::client(&args.clickhouse), &days, cells).await?;
+    let olap = topk::olap::Olap::connect(&args.clickhouse).await?;
+    let replaced = replace_days(&olap, &days, cells).await?;
     report.rows = replaced.rows;
     // The refreshers learn of the replaced counts only through touches (after the counts, as
     // a flush publishes them). A failure here leaves Redis behind until a re-run: the report
@@ -344,54 +348,72 @@ struct Replaced {
 }
 
 /// Writes `cells` to a staging table and replaces each day partition of `plays_minute` with
-/// the staging one (an empty day too: its partition is then dropped). Marks the days touched so
-/// their rollups are recomputed, then the users whose counts were replaced so the refresher
-/// recomputes their answers.
-async fn replace_days(
-    client: &clickhouse::Client,
-    days: &[i64],
-    cells: Counts,
-) -> Result<Replaced, BackfillError> {
+/// the staging one (an empty day too: its partition is then dropped), on every shard with that
+/// shard's users. Marks the days touched so their rollups are recomputed, then the users whose
+/// counts were replaced so the refresher recomputes their answers.
+///
+/// On a cluster the shards are replaced one after the other: a crash in between leaves some
+/// shards with the new days and some with the old. A user's rows are all on one shard, so each
+/// user reads either the old or the new counts of a day, never a mix, until the re-run replaces
+/// the rest (as on one server, a day rolled up before stays answered by its rollup until the
+/// days are touched).
+async fn replace_days(olap: &Olap, days: &[i64], cells: Counts) -> Result<Replaced, BackfillError> {
     let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64;
     let staging = format!(
         "plays_minute_backfill_{:016x}",
         nanos ^ u64::from(std::process::id()).rotate_left(32)
     );
-    let result = write_and_replace(client, &staging, days, cells).await;
-    // Best effort: a leftover staging table holds no counts anyone reads.
-    let _ = client
-        .query(&format!("DROP TABLE IF EXISTS {staging}"))
-        .execute()
-        .await;
-    result.map_err(|source| BackfillError::ClickHouse { staging, source })
+    let rows = cells.len() as u64;
+    let mut users: BTreeSet<u64> = cells.keys().map(|&(user, _, _)| user).collect();
+    let split = olap.by_shard(cells, |&((user, _, _), _)| user);
+    for (shard, cells) in olap.shards().iter().zip(split) {
+        let result = write_and_replace(shard, &staging, days, cells).await;
+        // Best effort: a leftover staging table holds no counts anyone reads.
+        let _ = shard
+            .query(&format!("DROP TABLE IF EXISTS {staging}"))
+            .execute()
+            .await;
+        users.extend(result.map_err(|source| BackfillError::ClickHouse {
+            staging: staging.clone(),
+            source,
+        })?);
+    }
+    // After the counts, as the aggregator does: the rollups of these days are out of date.
+    // Before the users' touches, which `run` publishes once this returns, so that a
+    // recomputation they trigger never reads a replaced day from its old rollup.
+    let touched_days: BTreeSet<u32> = days.iter().map(|&d| d as u32).collect();
+    tables::touch_days(olap.meta(), &touched_days)
+        .await
+        .map_err(|source| BackfillError::ClickHouse { staging, source })?;
+    Ok(Replaced { rows, users })
 }
 
+/// Replaces `days` on one shard with `cells` (that shard's users); returns the users that had
+/// rows in those days before.
 async fn write_and_replace(
     client: &clickhouse::Client,
     staging: &str,
     days: &[i64],
-    cells: Counts,
-) -> Result<Replaced, clickhouse::error::Error> {
+    cells: Vec<((u64, u64, u32), u64)>,
+) -> Result<Vec<u64>, clickhouse::error::Error> {
     client
         .query(&format!("CREATE TABLE {staging} AS plays_minute"))
         .execute()
         .await?;
-    let rows = cells.len() as u64;
     // Every user whose counts in these days the replace may change: those with rows there now
     // (their rows may vanish: plays the archive does not hold, or that it decides otherwise) and
     // those with rows after it. Read before the first replace; nothing else writes these days
     // while a backfill runs (ARCHITECTURE.md, "Backfill", limits).
-    let mut users: BTreeSet<u64> = cells.keys().map(|&(user, _, _)| user).collect();
+    let mut before = Vec::new();
     if let (Some(&first), Some(&last)) = (days.first(), days.last()) {
         let end = last + DAY_SECS;
-        let before: Vec<u64> = client
+        before = client
             .query(&format!(
                 "SELECT DISTINCT user_id FROM plays_minute \
                  WHERE minute >= toDateTime({first}) AND minute < toDateTime({end})"
             ))
             .fetch_all()
             .await?;
-        users.extend(before);
     }
     let staged = cells
         .into_iter()
@@ -406,12 +428,7 @@ async fn write_and_replace(
             .execute()
             .await?;
     }
-    // After the counts, as the aggregator does: the rollups of these days are out of date.
-    // Before the users' touches, which `run` publishes once this returns, so that a
-    // recomputation they trigger never reads a replaced day from its old rollup.
-    let touched_days: BTreeSet<u32> = days.iter().map(|&d| d as u32).collect();
-    tables::touch_days(client, &touched_days).await?;
-    Ok(Replaced { rows, users })
+    Ok(before)
 }
 
 #[cfg(test)]

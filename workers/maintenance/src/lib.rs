@@ -45,18 +45,24 @@ pub struct MaintenanceArgs {
 /// Rolls up and prunes every `interval` until `shutdown`. A failed round is logged and retried
 /// at the next one: maintenance only ever makes queries cheaper, never changes their answer.
 pub async fn run(args: MaintenanceArgs, clock: SharedClock, shutdown: CancellationToken) {
-    let client = topk::olap::client(&args.clickhouse);
+    let olap = match topk::olap::Olap::connect(&args.clickhouse).await {
+        Ok(olap) => olap,
+        Err(error) => {
+            tracing::error!(error = %Chain(&error), "maintenance cannot start");
+            return;
+        }
+    };
     let mut tick = tokio::time::interval(args.interval);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match rollup(&client, clock.as_ref(), false).await {
+        match rollup(olap.clone(), clock.as_ref(), false).await {
             Ok(report) => tracing::info!(days = report.days.len(), "rollup round done"),
             Err(error) => tracing::warn!(error = %Chain(&error), "rollup round failed"),
         }
-        match prune(&client, clock.as_ref()).await {
+        match prune(olap.clone(), clock.as_ref()).await {
             Ok(report) => tracing::info!(dropped = report.dropped.len(), "prune round done"),
             Err(error) => tracing::warn!(error = %Chain(&error), "prune round failed"),
         }

@@ -7,15 +7,27 @@
 use clickhouse::Client;
 use serde::Serialize;
 use topk::clock::Clock;
+use topk::olap::Olap;
 use topk::olap::tables::{day_of, day_partition};
 use topk::window::{DAY_SECS, Window};
 
 use crate::MaintenanceError;
 
-/// Tables partitioned by `toYYYYMMDD(<day>)`.
-const DAY_PARTITIONED: [&str; 3] = ["plays_minute", "day_touches", "rollup_log"];
+/// Tables partitioned by `toYYYYMMDD(<day>)`, and whether they are count tables (on every
+/// shard) or protocol tables (on the meta server).
+const DAY_PARTITIONED: [(&str, Where); 3] = [
+    ("plays_minute", Where::Shards),
+    ("day_touches", Where::Meta),
+    ("rollup_log", Where::Meta),
+];
 /// Tables partitioned by `toYYYYMM(<day>)`: a month goes once all of it is below the cut-off.
-const MONTH_PARTITIONED: [&str; 1] = ["plays_daily"];
+const MONTH_PARTITIONED: [(&str, Where); 1] = [("plays_daily", Where::Shards)];
+
+#[derive(Debug, Clone, Copy)]
+enum Where {
+    Shards,
+    Meta,
+}
 
 /// What one prune round dropped: (table, partition).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -31,8 +43,13 @@ pub struct PruneReport {
 /// Dropping is the one step that cannot be undone, so it acts on the *earlier* of this host's
 /// clock and the ClickHouse server's: a clock running ahead on either side (a maintenance host
 /// days fast) only delays retention, never drops a day still inside the window.
-pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, MaintenanceError> {
-    let server_secs: u32 = client
+pub async fn prune(
+    olap: impl Into<Olap>,
+    clock: &dyn Clock,
+) -> Result<PruneReport, MaintenanceError> {
+    let olap = olap.into();
+    let server_secs: u32 = olap
+        .meta()
         .query("SELECT toUnixTimestamp(now())")
         .fetch_one()
         .await?;
@@ -58,16 +75,30 @@ pub async fn prune(client: &Client, clock: &dyn Clock) -> Result<PruneReport, Ma
     };
     let bounds = DAY_PARTITIONED
         .iter()
-        .map(|table| (*table, cutoff))
-        .chain(MONTH_PARTITIONED.iter().map(|table| (*table, month)))
-        .chain([("flush_log", previous_month)]);
-    for (table, bound) in bounds {
-        for partition in partitions(client, table).await? {
-            if partition < bound {
-                drop_partition(client, table, partition).await?;
-                report.dropped.push((table.to_owned(), partition));
+        .map(|&(table, at)| (table, at, cutoff))
+        .chain(
+            MONTH_PARTITIONED
+                .iter()
+                .map(|&(table, at)| (table, at, month)),
+        )
+        .chain([("flush_log", Where::Meta, previous_month)]);
+    for (table, at, bound) in bounds {
+        let servers = match at {
+            Where::Shards => olap.shards(),
+            Where::Meta => std::slice::from_ref(olap.meta()),
+        };
+        let mut dropped = std::collections::BTreeSet::new();
+        for client in servers {
+            for partition in partitions(client, table).await? {
+                if partition < bound {
+                    drop_partition(client, table, partition).await?;
+                    dropped.insert(partition);
+                }
             }
         }
+        report
+            .dropped
+            .extend(dropped.into_iter().map(|p| (table.to_owned(), p)));
     }
     Ok(report)
 }

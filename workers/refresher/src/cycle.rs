@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use clickhouse::Client;
 use topk::clock::Clock;
 use topk::window::Window;
+
+use topk::olap::Olap;
 
 use crate::changes::{self, UserShard};
 use crate::refresh::{Refresh, Refreshed};
@@ -47,7 +48,7 @@ struct CatchUp {
 #[derive(Debug)]
 pub struct Refresher {
     refresh: Refresh,
-    client: Client,
+    olap: Olap,
     catch_up_page: usize,
     /// Users of failed chunks, retried next cycle.
     pending: BTreeMap<i32, BTreeSet<u64>>,
@@ -57,15 +58,16 @@ pub struct Refresher {
 impl Refresher {
     /// A refresher storing under `prefix`, over a touches topic of `partitions` partitions.
     pub fn new(
-        client: Client,
+        olap: impl Into<Olap>,
         redis: topk::cache::Redis,
         prefix: &str,
         partitions: u32,
         settings: &RefreshSettings,
     ) -> Self {
+        let olap = olap.into();
         Refresher {
-            refresh: Refresh::new(client.clone(), redis, prefix, partitions, settings),
-            client,
+            refresh: Refresh::new(olap.clone(), redis, prefix, partitions, settings),
+            olap,
             catch_up_page: settings.catch_up_page,
             pending: BTreeMap::new(),
             catching_up: BTreeMap::new(),
@@ -134,7 +136,7 @@ impl Refresher {
                 of: ageing.partitions,
             };
             let page = changes::users_page(
-                &self.client,
+                &self.olap,
                 window,
                 Some(shard),
                 state.after,

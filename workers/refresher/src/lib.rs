@@ -136,13 +136,15 @@ pub async fn run_warmup(
     let producer = topk::kafka::producer(&args.kafka.brokers).map_err(MemberError::from)?;
     let partitions = topk::touches::partitions(&producer, &args.kafka.touches_topic()).await?;
     let redis = Redis::connect(&args.redis)?;
-    let client = topk::olap::client(&args.clickhouse);
+    let olap = topk::olap::Olap::connect(&args.clickhouse)
+        .await
+        .map_err(MemberError::from)?;
     let refresh = Refresh::new(
-        client.clone(),
+        olap.clone(),
         redis,
         &args.redis.prefix,
         partitions,
         &args.settings,
     );
-    warmup(&refresh, &client, clock.as_ref(), args.page_size, shutdown).await
+    warmup(&refresh, olap, clock.as_ref(), args.page_size, shutdown).await
 }

@@ -306,14 +306,10 @@ pub async fn run(
         return Ok(());
     };
     let redis = Redis::connect(&args.redis)?;
-    let client = topk::olap::client(&args.clickhouse);
-    let refresher = Refresher::new(
-        client,
-        redis,
-        &args.redis.prefix,
-        partitions,
-        &args.settings,
-    );
+    let olap = topk::olap::Olap::connect(&args.clickhouse)
+        .await
+        .map_err(topk::group::MemberError::from)?;
+    let refresher = Refresher::new(olap, redis, &args.redis.prefix, partitions, &args.settings);
     let mut tick = tokio::time::interval(args.refresh_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut role = Refreshing {

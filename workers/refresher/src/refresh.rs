@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use clickhouse::Client;
 use futures::{SinkExt, StreamExt};
 use topk::cache::{self, Answer, Outcome, Redis, Target};
+use topk::olap::Olap;
 use topk::query::{Computed, TopQuery};
 use topk::window::{MAX_LIMIT, Window};
 
@@ -55,14 +55,14 @@ impl Refresh {
     /// A refresh storing under `prefix`, scheduling in the ageing index of a touches topic of
     /// `partitions` partitions.
     pub fn new(
-        client: Client,
+        olap: impl Into<Olap>,
         redis: Redis,
         prefix: &str,
         partitions: u32,
         settings: &RefreshSettings,
     ) -> Self {
         Refresh {
-            query: TopQuery::new(client),
+            query: TopQuery::new(olap),
             redis,
             target: Target::new(prefix, &settings.cache),
             ageing: Ageing::new(prefix, partitions),

@@ -17,6 +17,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 use topk::clock::Clock;
+use topk::olap::Olap;
 use topk::window::Window;
 
 use crate::refresh::{Refresh, Refreshed};
@@ -97,7 +98,7 @@ pub struct WarmupPage {
 #[derive(Debug)]
 pub struct Warmup<'a> {
     refresh: &'a Refresh,
-    client: &'a clickhouse::Client,
+    olap: Olap,
     clock: &'a dyn Clock,
     page_size: usize,
     /// The last user of the previous page.
@@ -108,13 +109,13 @@ pub struct Warmup<'a> {
 impl<'a> Warmup<'a> {
     pub fn new(
         refresh: &'a Refresh,
-        client: &'a clickhouse::Client,
+        olap: impl Into<Olap>,
         clock: &'a dyn Clock,
         page_size: usize,
     ) -> Self {
         Warmup {
             refresh,
-            client,
+            olap: olap.into(),
             clock,
             page_size: page_size.max(1),
             after: None,
@@ -136,7 +137,7 @@ impl<'a> Warmup<'a> {
         let computed_at_ms = self.clock.now_ms();
         let window = Window::at(computed_at_ms);
         let users =
-            changes::users_page(self.client, window, None, self.after, self.page_size).await?;
+            changes::users_page(&self.olap, window, None, self.after, self.page_size).await?;
         let Some(&last) = users.last() else {
             self.report.complete = true;
             return Ok(None);
@@ -167,15 +168,16 @@ impl<'a> Warmup<'a> {
 /// page at its own instant), until done or `shutdown`.
 pub async fn warmup(
     refresh: &Refresh,
-    client: &clickhouse::Client,
+    olap: impl Into<Olap>,
     clock: &dyn Clock,
     page_size: usize,
     shutdown: CancellationToken,
 ) -> Result<WarmupReport, RefreshError> {
+    let olap = olap.into();
     // Only the progress bar's length: the pages read their own window.
-    let estimate = changes::users_estimate(client, Window::at(clock.now_ms())).await?;
+    let estimate = changes::users_estimate(&olap, Window::at(clock.now_ms())).await?;
     let mut progress = Progress::new(estimate);
-    let mut pages = Warmup::new(refresh, client, clock, page_size);
+    let mut pages = Warmup::new(refresh, olap, clock, page_size);
     loop {
         let page = tokio::select! {
             _ = shutdown.cancelled() => break,
