@@ -86,7 +86,8 @@ struct Env {
     redis: Redis,
     store: Store,
     query: TopQuery,
-    client: clickhouse::Client,
+    /// The test's ClickHouse: one server, or the stack's cluster.
+    client: topk::olap::Olap,
 }
 
 impl Env {
@@ -173,7 +174,11 @@ impl Env {
     }
 
     /// A refresher on `client` over this test's Redis keys, owning every partition.
-    fn refresher(&self, client: clickhouse::Client, settings: &RefreshSettings) -> Refresher {
+    fn refresher(
+        &self,
+        client: impl Into<topk::olap::Olap>,
+        settings: &RefreshSettings,
+    ) -> Refresher {
         Refresher::new(
             client,
             self.redis.clone(),
@@ -185,8 +190,12 @@ impl Env {
 }
 
 async fn env(redis_args: RedisArgs) -> Env {
-    let clickhouse = common::migrated_database().await;
-    let client = topk::olap::client(&clickhouse);
+    env_on(redis_args, common::migrated_database().await)
+}
+
+/// The same over `clickhouse` (a migrated database: on one server or on a cluster).
+fn env_on(redis_args: RedisArgs, clickhouse: topk::config::ClickHouseArgs) -> Env {
+    let client = topk::olap::Olap::open(&clickhouse);
     Env {
         store: Store::new(client.clone(), "plays"),
         query: TopQuery::new(client.clone()),
@@ -558,6 +567,22 @@ async fn replace_top_is_atomic_for_readers() {
 async fn refresh_cycles_keep_redis_exact() {
     let env = env(common::redis_args()).await;
     refresh_oracle(&env, 60 * common::scale() as u64, 3_000 * common::scale()).await;
+    common::drop_database(&env.clickhouse).await;
+}
+
+/// The same cycles with the counts on the stack's 2-shard ClickHouse cluster: every answer in
+/// Redis exact, as on one server.
+#[tokio::test]
+async fn refresh_cycles_keep_redis_exact_over_a_clickhouse_cluster() {
+    let env = env_on(
+        common::redis_args(),
+        common::migrated_cluster_database().await,
+    );
+    refresh_oracle(&env, 60 * common::scale() as u64, 3_000 * common::scale()).await;
+    let total = common::workload::grand_total(&env.clickhouse)
+        .await
+        .expect("total");
+    common::assert_users_on_their_shards(&env.clickhouse, total).await;
     common::drop_database(&env.clickhouse).await;
 }
 
