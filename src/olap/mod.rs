@@ -251,11 +251,6 @@ impl Olap {
         &self.shards
     }
 
-    /// The cluster's name, on a cluster.
-    pub fn cluster(&self) -> Option<&str> {
-        self.cluster.as_deref()
-    }
-
     /// The shard holding every row of `user_id`: `user_id % shards`, the index the
     /// Distributed tables' sharding key `user_id` gives with weights of 1.
     pub fn shard_index(&self, user_id: u64) -> usize {
