@@ -16,7 +16,9 @@
 //! part. Before the rounds, the aggregator's processing alone is timed on one core
 //! (`process_only`); with the ceiling's CPU per event it gives the `bound`: the rate no
 //! aggregator doing that processing can pass on these cores. Prints one JSON line with every
-//! round and the median ratios (`TOPK_BENCH_ROUNDS`, default 3).
+//! round and the median ratios (`TOPK_BENCH_ROUNDS`, default 3). When `scripts/stack env` names
+//! a ClickHouse cluster (`TOPK_TEST_CLICKHOUSE_SHARD_URLS`), each round also runs the aggregator
+//! into it (`"cluster"`: its rate over the one server's; both servers share the same 2 cores).
 //!
 //! The baseline is bimodal on these machines: ~1.05-1.1M events/s at ~1.5 µs of machine CPU
 //! per event, or in some rounds ~0.6M at ~2.5 µs (a warm-up consume before it did not help);
@@ -59,11 +61,27 @@ async fn main() {
     let rounds: usize = env_or("TOPK_BENCH_ROUNDS", 3);
     let mut results = Vec::with_capacity(rounds);
     let mut ceilings = Vec::with_capacity(rounds);
+    let mut on_cluster: Vec<Rates> = Vec::with_capacity(rounds);
     for round in 0..rounds {
         common::settle().await;
         let baseline = baseline_round(&brokers, &topic, events).await;
         common::settle().await;
-        let (aggregator, rows) = aggregator_round(&brokers, &topic, events).await;
+        let (aggregator, rows) = aggregator_round(
+            &brokers,
+            &topic,
+            events,
+            common::clickhouse_args("topk_bench"),
+        )
+        .await;
+        if let Some(cluster) = common::cluster_args("topk_bench") {
+            common::settle().await;
+            let (sharded, _) = aggregator_round(&brokers, &topic, events, cluster).await;
+            eprintln!(
+                "round {round}: aggregator into the cluster {:.0} ev/s steady ({:.0} end to end)",
+                sharded.steady, sharded.end_to_end
+            );
+            on_cluster.push(sharded);
+        }
         common::settle().await;
         let ceiling = ceiling_round(&brokers, &topic, events, rows).await;
         eprintln!(
@@ -141,6 +159,18 @@ async fn main() {
                 results.iter().zip(&bounds).map(|((b, _), bound)| bound / b.steady).collect(),
             )),
             "cores": cores,
+            "cluster": (!on_cluster.is_empty()).then(|| serde_json::json!({
+                "aggregator_into_cluster_events_per_s": {
+                    "steady": on_cluster.iter().map(|a| a.steady.round()).collect::<Vec<_>>(),
+                    "end_to_end": on_cluster.iter().map(|a| a.end_to_end.round()).collect::<Vec<_>>(),
+                },
+                "median_ratio_cluster_to_one_server": {
+                    "steady": round3(median(
+                        results.iter().zip(&on_cluster).map(|((_, a), c)| c.steady / a.steady).collect(),
+                    )),
+                },
+                "machine_busy_cores": on_cluster.iter().map(|c| round3(c.busy_cores)).collect::<Vec<_>>(),
+            })),
         })
     );
 }
@@ -223,11 +253,15 @@ async fn consume_and_discard(
 /// from the group's committed offsets (the aggregator commits only after a flush is durable),
 /// not by summing ClickHouse every 50 ms, whose scans competed with the inserts measured; the
 /// ClickHouse total is checked once at the end, exactly.
-async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> (Rates, u64) {
-    let clickhouse = common::clickhouse_args("topk_bench");
+async fn aggregator_round(
+    brokers: &str,
+    topic: &str,
+    events: u64,
+    clickhouse: topk::config::ClickHouseArgs,
+) -> (Rates, u64) {
     topk::migrate::run(&clickhouse).await.expect("migrate");
     let group = unique("bench_aggregator");
-    let args: topk_aggregator::AggregatorArgs = common::flags::parse([
+    let mut flags = vec![
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
         format!("--clickhouse-url={}", clickhouse.url),
@@ -238,7 +272,15 @@ async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> (Rates, u6
             std::env::var("TOPK_BENCH_FLUSH").unwrap_or_else(|_| "250ms".into())
         ),
         format!("--max-state-bytes={}", 4u64 << 30),
-    ]);
+    ];
+    if let Some(cluster) = &clickhouse.cluster {
+        flags.push(format!("--clickhouse-cluster={cluster}"));
+        flags.push(format!(
+            "--clickhouse-shard-urls={}",
+            clickhouse.shard_urls.join(",")
+        ));
+    }
+    let args: topk_aggregator::AggregatorArgs = common::flags::parse(flags);
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let worker = tokio::spawn(topk_aggregator::run(args, shutdown.clone()));
@@ -274,11 +316,16 @@ async fn aggregator_round(brokers: &str, topic: &str, events: u64) -> (Rates, u6
     let rates = Rates::new(events, started, first, Instant::now());
     shutdown.cancel();
     worker.await.expect("joins").expect("clean shutdown");
-    let (total, rows): (u64, u64) = topk::olap::client(&clickhouse)
-        .query("SELECT sum(plays), count() FROM plays_minute")
-        .fetch_one()
-        .await
-        .expect("total");
+    let (mut total, mut rows) = (0, 0);
+    for shard in topk::olap::Olap::open(&clickhouse).shards() {
+        let (plays, rows_of_shard): (u64, u64) = shard
+            .query("SELECT sum(plays), count() FROM plays_minute")
+            .fetch_one()
+            .await
+            .expect("total");
+        total += plays;
+        rows += rows_of_shard;
+    }
     assert_eq!(total, events, "every event counted exactly once");
     common::drop_database(&clickhouse).await;
     (rates, rows)

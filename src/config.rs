@@ -163,6 +163,17 @@ pub struct ClickHouseArgs {
         requires = "clickhouse_cluster"
     )]
     pub shard_urls: Vec<String>,
+    /// Servers holding replicas of the tables of `--clickhouse-url` and the shards
+    /// (ReplicatedMergeTree over ZooKeeper), comma-separated: `topk migrate` creates the
+    /// tables on them too, migration by migration on every server; the other roles use the
+    /// servers above only and ClickHouse replicates.
+    #[arg(
+        id = "clickhouse_replica_urls",
+        long = "clickhouse-replica-urls",
+        env = "TOPK_CLICKHOUSE_REPLICA_URLS",
+        value_delimiter = ','
+    )]
+    pub replica_urls: Vec<String>,
 }
 
 impl ClickHouseArgs {

@@ -173,28 +173,31 @@ pub fn distributed_table(table: &str) -> String {
 /// server's.
 pub async fn run_through(args: &ClickHouseArgs, last: u32) -> Result<MigrateReport, MigrateError> {
     check_identifier(&args.database)?;
-    let report = apply(&olap::server_client(args), &args.database, last).await?;
+    let database = &args.database;
+    let mut servers = vec![olap::server_client(args)];
+    if let Some(cluster) = &args.cluster {
+        check_cluster_name(cluster)?;
+        // The layout check reads each shard with the database as its default: create it first
+        // (an empty database on a server that then turns out to be the wrong one harms nothing).
+        for url in &args.shard_urls {
+            olap::server_client_at(args, url)
+                .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+                .execute()
+                .await?;
+        }
+        olap::Olap::open(args).check_layout(args).await?;
+        let shards = args.shard_urls.iter().filter(|url| **url != args.url);
+        servers.extend(shards.map(|url| olap::server_client_at(args, url)));
+    }
+    servers.extend(
+        args.replica_urls
+            .iter()
+            .map(|url| olap::server_client_at(args, url)),
+    );
+    let report = apply(&servers, database, last).await?;
     let Some(cluster) = &args.cluster else {
         return Ok(report);
     };
-    check_cluster_name(cluster)?;
-    // The layout check reads each shard with the database as its default: create it first
-    // (an empty database on a server that then turns out to be the wrong one harms nothing).
-    for url in &args.shard_urls {
-        olap::server_client_at(args, url)
-            .query(&format!("CREATE DATABASE IF NOT EXISTS {}", args.database))
-            .execute()
-            .await?;
-    }
-    let layout = olap::Olap::open(args);
-    layout.check_layout(args).await?;
-    let mut servers = vec![olap::server_client(args)];
-    for url in args.shard_urls.iter().filter(|url| **url != args.url) {
-        let shard = olap::server_client_at(args, url);
-        apply(&shard, &args.database, last).await?;
-        servers.push(shard);
-    }
-    let database = &args.database;
     for server in &servers {
         for table in SHARDED_TABLES {
             let all = distributed_table(table);
@@ -215,62 +218,184 @@ pub async fn run_through(args: &ClickHouseArgs, last: u32) -> Result<MigrateRepo
     Ok(report)
 }
 
-/// Every migration up to `last` not yet recorded in `database` on the server of `server`.
-async fn apply(server: &Client, database: &str, last: u32) -> Result<MigrateReport, MigrateError> {
-    server
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
-        .execute()
-        .await?;
-    let client = server.clone().with_database(database);
-    client
-        .query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations \
-             (version UInt32, name String, applied_at DateTime) \
-             ENGINE = ReplacingMergeTree ORDER BY version",
-        )
-        .execute()
-        .await?;
-    let done: Vec<u32> = client
-        .query("SELECT DISTINCT version FROM schema_migrations ORDER BY version")
-        .fetch_all()
-        .await?;
+/// One server being migrated: its client on the database, the versions it had applied, and
+/// whether its tables are replicated.
+struct Target {
+    client: Client,
+    done: Vec<u32>,
+    replicated: bool,
+}
+
+/// Every migration up to `last` not yet recorded in `database`, on every server of `servers`,
+/// one migration at a time on all of them: a replicated table's replicas must be created with
+/// the same structure, so no server may run ahead of another (a replica created after another
+/// one's `ALTER` would not match ZooKeeper's metadata). The report is the first server's.
+async fn apply(
+    servers: &[Client],
+    database: &str,
+    last: u32,
+) -> Result<MigrateReport, MigrateError> {
+    let mut targets = Vec::with_capacity(servers.len());
+    for server in servers {
+        server
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+            .execute()
+            .await?;
+        let client = server.clone().with_database(database);
+        // The record of what this server applied stays its own (never replicated).
+        client
+            .query(
+                "CREATE TABLE IF NOT EXISTS schema_migrations \
+                 (version UInt32, name String, applied_at DateTime) \
+                 ENGINE = ReplacingMergeTree ORDER BY version",
+            )
+            .execute()
+            .await?;
+        let done: Vec<u32> = client
+            .query("SELECT DISTINCT version FROM schema_migrations ORDER BY version")
+            .fetch_all()
+            .await?;
+        let replicated = replicates(&client).await?;
+        targets.push(Target {
+            client,
+            done,
+            replicated,
+        });
+    }
 
     let mut report = MigrateReport::default();
     for migration in MIGRATIONS.iter().filter(|m| m.version <= last) {
-        if done.contains(&migration.version) {
-            report.already_applied.push(migration.version);
-            continue;
-        }
-        for statement in statements(migration.sql) {
-            match client.query(&statement).execute().await {
-                Ok(()) => {}
-                Err(source) if column_already_added(&statement, &source) => {}
-                Err(source) => {
-                    return Err(MigrateError::Statement {
-                        version: migration.version,
-                        name: migration.name,
-                        source,
-                    });
+        for (index, target) in targets.iter().enumerate() {
+            let first = index == 0;
+            if target.done.contains(&migration.version) {
+                if first {
+                    report.already_applied.push(migration.version);
                 }
+                continue;
+            }
+            apply_one(target, database, migration).await?;
+            if first {
+                report.applied.push(migration.version);
             }
         }
-        let mut insert = client.insert::<AppliedRow>("schema_migrations").await?;
-        insert
-            .write(&AppliedRow {
-                version: migration.version,
-                name: migration.name.to_owned(),
-                applied_at: now_secs(),
-            })
-            .await?;
-        insert.end().await?;
-        tracing::info!(
-            version = migration.version,
-            name = migration.name,
-            "migration applied"
-        );
-        report.applied.push(migration.version);
     }
     Ok(report)
+}
+
+async fn apply_one(
+    target: &Target,
+    database: &str,
+    migration: &Migration,
+) -> Result<(), MigrateError> {
+    let client = &target.client;
+    for statement in statements(migration.sql) {
+        let statement = if target.replicated {
+            replicated(&statement, database)
+        } else {
+            statement
+        };
+        match client.query(&statement).execute().await {
+            Ok(()) => {}
+            Err(source) if column_already_added(&statement, &source) => {}
+            Err(source) => {
+                return Err(MigrateError::Statement {
+                    version: migration.version,
+                    name: migration.name,
+                    source,
+                });
+            }
+        }
+    }
+    let mut insert = client.insert::<AppliedRow>("schema_migrations").await?;
+    insert
+        .write(&AppliedRow {
+            version: migration.version,
+            name: migration.name.to_owned(),
+            applied_at: now_secs(),
+        })
+        .await?;
+    insert.end().await?;
+    tracing::info!(
+        version = migration.version,
+        name = migration.name,
+        replicated = target.replicated,
+        "migration applied"
+    );
+    Ok(())
+}
+
+/// Whether the server replicates its tables: its `shard` and `replica` macros are set (they
+/// name its replica in ZooKeeper). A server with the macros whose ZooKeeper does not answer is
+/// an error, not a reason to create tables that would never replicate.
+async fn replicates(client: &Client) -> Result<bool, MigrateError> {
+    let macros: u64 = client
+        .query("SELECT count() FROM system.macros WHERE macro IN ('shard', 'replica')")
+        .fetch_one()
+        .await?;
+    if macros < 2 {
+        return Ok(false);
+    }
+    let _: u64 = client
+        .query("SELECT count() FROM system.zookeeper WHERE path = '/'")
+        .fetch_one()
+        .await?;
+    Ok(true)
+}
+
+/// The engine of `plays_minute` as migration 008 creates it, unreplicated: the engine of a
+/// staging table whose partitions replace `plays_minute`'s (`CREATE TABLE … AS plays_minute`
+/// alone would copy a replicated engine with its ZooKeeper path, and join the table's replicas).
+pub const PLAYS_MINUTE_ENGINE: &str = "ReplacingMergeTree\nPARTITION BY toYYYYMMDD(minute, 'UTC')\nORDER BY (user_id, song_id, minute, batch_id)\nSETTINGS index_granularity = 1024";
+
+/// The ZooKeeper path of a replicated table: per shard (the server's `{shard}` macro),
+/// database and table (the name it was created with: a later `RENAME` keeps the path).
+pub fn zookeeper_path(database: &str, table: &str) -> String {
+    format!("/clickhouse/tables/{{shard}}/{database}/{table}")
+}
+
+/// `statement` for a server that replicates: a `CREATE TABLE`'s `MergeTree` or
+/// `ReplacingMergeTree` engine becomes its `Replicated…` twin at [`zookeeper_path`], replica
+/// `{replica}`, with the same engine arguments after those two. Every other statement is
+/// unchanged (ALTER, RENAME and partition operations of replicated tables replicate
+/// themselves).
+pub fn replicated(statement: &str, database: &str) -> String {
+    let Some(rest) = statement.strip_prefix("CREATE TABLE IF NOT EXISTS ") else {
+        return statement.to_owned();
+    };
+    let table: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let Some(at) = statement.find("ENGINE = ") else {
+        return statement.to_owned();
+    };
+    let engine_start = at + "ENGINE = ".len();
+    let tail = &statement[engine_start..];
+    let name: String = tail
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect();
+    if name != "MergeTree" && name != "ReplacingMergeTree" {
+        return statement.to_owned();
+    }
+    let after_name = &tail[name.len()..];
+    let (engine_args, rest) = match after_name.strip_prefix('(') {
+        Some(inner) => {
+            let close = inner.find(')').expect("engine arguments are closed");
+            (&inner[..close], &inner[close + 1..])
+        }
+        None => ("", after_name),
+    };
+    let path = zookeeper_path(database, &table);
+    let extra = if engine_args.is_empty() {
+        String::new()
+    } else {
+        format!(", {engine_args}")
+    };
+    format!(
+        "{}ENGINE = Replicated{name}('{path}', '{{replica}}'{extra}){rest}",
+        &statement[..at]
+    )
 }
 
 fn now_secs() -> u32 {
@@ -333,6 +458,56 @@ mod tests {
         assert_eq!(
             keys, 2,
             "008 rebuilds plays_minute and user_touches (dropped by 009)"
+        );
+    }
+
+    #[test]
+    fn replicated_twins_keep_the_engine_arguments_and_the_rest() {
+        assert_eq!(
+            replicated(
+                "CREATE TABLE IF NOT EXISTS plays_daily\n(\n    day Date\n)\nENGINE = ReplacingMergeTree(version)\nPARTITION BY toYYYYMM(day)",
+                "topk"
+            ),
+            "CREATE TABLE IF NOT EXISTS plays_daily\n(\n    day Date\n)\nENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/topk/plays_daily', '{replica}', version)\nPARTITION BY toYYYYMM(day)"
+        );
+        assert_eq!(
+            replicated(
+                "CREATE TABLE IF NOT EXISTS day_touches (day Date) ENGINE = MergeTree ORDER BY day",
+                "db"
+            ),
+            "CREATE TABLE IF NOT EXISTS day_touches (day Date) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/db/day_touches', '{replica}') ORDER BY day"
+        );
+        for unchanged in [
+            "ALTER TABLE flush_log ADD COLUMN x UInt8",
+            "RENAME TABLE a TO b",
+            "CREATE TABLE IF NOT EXISTS m (x UInt8) ENGINE = Memory",
+        ] {
+            assert_eq!(replicated(unchanged, "db"), unchanged);
+        }
+        // Every table of the migrations has a replicated twin.
+        let creates = MIGRATIONS
+            .iter()
+            .flat_map(|m| statements(m.sql))
+            .filter(|s| s.starts_with("CREATE TABLE"))
+            .collect::<Vec<_>>();
+        assert!(creates.len() >= 8);
+        for create in creates {
+            assert!(
+                replicated(&create, "db").contains("ENGINE = Replicated"),
+                "{create}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_staging_engine_is_plays_minutes() {
+        let create = statements(MIGRATIONS[7].sql)
+            .into_iter()
+            .find(|s| s.starts_with("CREATE TABLE IF NOT EXISTS plays_minute_utc"))
+            .expect("008 creates plays_minute");
+        assert!(
+            create.ends_with(&format!("ENGINE = {PLAYS_MINUTE_ENGINE}")),
+            "{create}"
         );
     }
 

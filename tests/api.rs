@@ -55,7 +55,7 @@ fn state(
     AppState::new(
         Redis::connect(redis).expect("redis pool"),
         &redis.prefix,
-        topk::olap::client(clickhouse),
+        topk::olap::Olap::open(clickhouse),
         std::sync::Arc::new(ManualClock::at(now)),
         settings,
         auth,
@@ -289,6 +289,48 @@ async fn miss_then_hit_equals_the_oracle() {
         "{metrics}"
     );
     common::drop_database(&clickhouse).await;
+}
+
+/// The same traffic on one server and on the 2-shard cluster: every user's answer, on the miss
+/// (computed by ClickHouse) and on the hit that follows, is the oracle's on both, byte for byte
+/// the same JSON; each user's rows sit on their own shard only.
+#[tokio::test]
+async fn the_cluster_answers_what_one_server_answers() {
+    const USERS: u64 = 40;
+    let now = fixed_now();
+    let window = Window::at(now);
+    let plays = random_plays(USERS, now);
+    let expected = oracle(&plays, window, MAX_LIMIT);
+    let server = common::migrated_database().await;
+    let cluster = common::migrated_cluster_database().await;
+    for clickhouse in [&server, &cluster] {
+        let store = Store::new(topk::olap::Olap::open(clickhouse), "plays");
+        common::plays::flush(&store, &plays, 0).await;
+    }
+    common::assert_users_on_their_shards(&cluster, plays.len() as u64).await;
+    let redis = common::redis_args();
+    let on_server = state(&redis, &server, now, settings(), None);
+    let on_cluster = state(&common::redis_args(), &cluster, now, settings(), None);
+    for user in (1..=USERS).chain([999]) {
+        let want = expected.get(&user).cloned().unwrap_or_default();
+        let top10: Vec<RankedSong> = want.iter().take(DEFAULT_LIMIT).copied().collect();
+        let uri = format!("/v1/users/{user}/top-songs");
+        for source in ["olap", "cache"] {
+            let (status, _, from_server) = get(&on_server, &uri, None).await;
+            let (cluster_status, _, from_cluster) = get(&on_cluster, &uri, None).await;
+            assert_eq!((status, cluster_status), (StatusCode::OK, StatusCode::OK));
+            assert_eq!(
+                from_cluster,
+                answer_json(user, window, now, source, false, &top10),
+                "user {user} from the cluster ({source})"
+            );
+            assert_eq!(from_server, from_cluster, "user {user} ({source})");
+        }
+        let (_, _, all) = get(&on_cluster, &format!("{uri}?limit={MAX_LIMIT}"), None).await;
+        assert_eq!(all["songs"], songs_json(&want), "user {user}, 50 songs");
+    }
+    common::drop_database(&server).await;
+    common::drop_database(&cluster).await;
 }
 
 /// Malformed ids, limits and routes get a 4xx with a JSON reason, before any dependency is used.

@@ -13,12 +13,17 @@ use serde_json::Value;
 /// The compose file as JSON (PyYAML, installed with schemathesis by `scripts/stack install`,
 /// resolves the `<<` merge keys).
 fn compose() -> Value {
+    compose_file("docker-compose.yml")
+}
+
+/// A compose file of the workspace as JSON.
+fn compose_file(name: &str) -> Value {
     let output = Command::new("python3")
         .args([
             "-c",
             "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
         ])
-        .arg(common::workspace_root().join("docker-compose.yml"))
+        .arg(common::workspace_root().join(name))
         .output()
         .expect("python3 runs");
     assert!(
@@ -351,12 +356,11 @@ fn compose_file_is_valid_by_the_compose_spec_schema() {
         );
         (output.status.success(), text)
     };
+    for name in ["docker-compose.yml", "docker-compose.cluster.yml"] {
+        let (valid, report) = check(&common::workspace_root().join(name));
+        assert!(valid, "{name} against the compose spec: {report}");
+    }
     let file = common::workspace_root().join("docker-compose.yml");
-    let (valid, report) = check(&file);
-    assert!(
-        valid,
-        "docker-compose.yml against the compose spec: {report}"
-    );
 
     let text = std::fs::read_to_string(&file).expect("compose file");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -570,4 +574,121 @@ fn the_runtime_image_has_every_library_topk_links() {
         .expect("a dynamic executable");
     let name = interpreter.rsplit('/').next().unwrap_or_default();
     assert!(available.contains(name), "interpreter {interpreter}");
+}
+
+/// The servers of each shard of `cluster` in deploy/clickhouse/cluster.xml, in order, as
+/// `host:port` (Python's XML parser: no XML crate for one test).
+fn cluster_xml_shards(cluster: &str) -> Vec<Vec<String>> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, xml.etree.ElementTree as t\n\
+             c = t.parse(sys.argv[1]).getroot().find('remote_servers').find(sys.argv[2])\n\
+             json.dump([[r.findtext('host') + ':' + r.findtext('port') for r in s.findall('replica')] \
+                        for s in c.findall('shard')] if c is not None else [], sys.stdout)",
+        ])
+        .arg(common::workspace_root().join("deploy/clickhouse/cluster.xml"))
+        .arg(cluster)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "cluster.xml parses: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON from python")
+}
+
+/// docker-compose.cluster.yml, laid over docker-compose.yml: every role that reads ClickHouse
+/// (and no other) is told the cluster and its shard URLs; the first URL is the base file's
+/// ClickHouse (the meta server); each URL names a server of the same image with the cluster
+/// config mounted, whose `remote_servers` lists the same servers in the same order on their
+/// native port, one replica each: the layout `topk` checks at start.
+#[test]
+fn the_cluster_variant_tells_every_clickhouse_role_the_same_layout() {
+    let base = compose();
+    let overlay = compose_file("docker-compose.cluster.yml");
+    let base_services = base["services"].as_object().expect("services");
+    let services = overlay["services"].as_object().expect("services");
+    let image = base_services["clickhouse"]["image"].clone();
+    let mut roles = BTreeSet::new();
+    for (name, service) in base_services {
+        let Some(command) = service["command"][0].as_str() else {
+            continue;
+        };
+        if service.get("build").is_none() {
+            continue;
+        }
+        let reads_cluster = help(command).contains("[env: TOPK_CLICKHOUSE_CLUSTER");
+        let env = &services
+            .get(name)
+            .map_or(Value::Null, |s| s["environment"].clone());
+        for variable in ["TOPK_CLICKHOUSE_CLUSTER", "TOPK_CLICKHOUSE_SHARD_URLS"] {
+            assert_eq!(
+                env.get(variable).is_some(),
+                reads_cluster,
+                "{name} (`topk {command}`): {variable} set exactly when the role reads it"
+            );
+        }
+        if reads_cluster {
+            roles.insert(name.as_str());
+        }
+    }
+    assert!(
+        roles.contains("aggregator") && roles.contains("api"),
+        "{roles:?}"
+    );
+    let env = &services["aggregator"]["environment"];
+    let cluster = env["TOPK_CLICKHOUSE_CLUSTER"].as_str().expect("a name");
+    let urls: Vec<&str> = env["TOPK_CLICKHOUSE_SHARD_URLS"]
+        .as_str()
+        .expect("a list")
+        .split(',')
+        .collect();
+    assert!(urls.len() >= 2, "{urls:?}");
+    assert_eq!(
+        Some(urls[0]),
+        base["x-topk-env"]["TOPK_CLICKHOUSE_URL"].as_str(),
+        "the meta server is the first shard"
+    );
+    const MOUNT: &str = "/etc/clickhouse-server/config.d/topk-cluster.xml";
+    let mut hosts = Vec::new();
+    for url in &urls {
+        let host_port = url.strip_prefix("http://").expect("an http URL");
+        let (host, port) = host_port.split_once(':').expect("host:port");
+        assert_eq!(port, "8123", "{url}: the HTTP port");
+        let service = services.get(host).unwrap_or(&Value::Null);
+        let image_of = service
+            .get("image")
+            .or_else(|| base_services[host].get("image"));
+        assert_eq!(image_of, Some(&image), "{host}: the same ClickHouse image");
+        let mounted = service["volumes"].as_array().is_some_and(|volumes| {
+            volumes
+                .iter()
+                .any(|v| v.as_str() == Some(&format!("./deploy/clickhouse/cluster.xml:{MOUNT}:ro")))
+        });
+        assert!(mounted, "{host} mounts the cluster config");
+        if !base_services.contains_key(host) {
+            assert!(
+                service.get("healthcheck").is_some(),
+                "{host} has a healthcheck"
+            );
+            let data = service["volumes"][0].as_str().expect("a data volume");
+            let volume = data.split_once(':').expect("v:p").0;
+            assert!(
+                overlay["volumes"].get(volume).is_some(),
+                "{volume} declared"
+            );
+        }
+        hosts.push(vec![format!("{host}:9000")]);
+    }
+    assert_eq!(
+        cluster_xml_shards(cluster),
+        hosts,
+        "remote_servers of {cluster}"
+    );
+    assert_eq!(
+        services["migrate"]["depends_on"]["clickhouse-2"]["condition"], "service_healthy",
+        "migrate waits for every shard"
+    );
 }

@@ -14,7 +14,19 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 
 fn stack(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
-    let output = Command::new(common::workspace_root().join("scripts/stack"))
+    let output = stack_output(dir, base_port, verb);
+    assert!(
+        output.status.success() || verb == "status",
+        "stack {verb} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `scripts/stack VERB` on the private stack in `dir`, whose services listen on the 20 ports
+/// from `base_port` on.
+fn stack_output(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
+    Command::new(common::workspace_root().join("scripts/stack"))
         .arg(verb)
         .env("TOPK_STACK_DIR", dir)
         .env("TOPK_BROKER", "dev")
@@ -36,14 +48,21 @@ fn stack(dir: &Path, base_port: u16, verb: &str) -> std::process::Output {
             "TOPK_STACK_CH_CLUSTER_TCP_PORTS",
             format!("{} {}", base_port + 10, base_port + 11),
         )
+        .env(
+            "TOPK_STACK_CH_REPLICA_HTTP_PORTS",
+            format!("{} {}", base_port + 12, base_port + 13),
+        )
+        .env(
+            "TOPK_STACK_CH_REPLICA_TCP_PORTS",
+            format!("{} {}", base_port + 14, base_port + 15),
+        )
+        .env(
+            "TOPK_STACK_CH_REPLICA_INTERSERVER_PORTS",
+            format!("{} {}", base_port + 16, base_port + 17),
+        )
+        .env("TOPK_STACK_ZOOKEEPER_PORT", (base_port + 18).to_string())
         .output()
-        .expect("scripts/stack runs");
-    assert!(
-        output.status.success() || verb == "status",
-        "stack {verb} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+        .expect("scripts/stack runs")
 }
 
 fn pids(dir: &Path) -> BTreeMap<String, i32> {
@@ -75,7 +94,8 @@ struct DownOnPanic<'a>(&'a Path, u16);
 impl Drop for DownOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            stack(self.0, self.1, "down");
+            // Not `stack`: an assertion failing inside a panic would abort the process.
+            let _ = stack_output(self.0, self.1, "down");
         }
     }
 }
@@ -87,7 +107,7 @@ async fn up_twice_then_down_leaves_nothing() {
     // port + 10,000 (the cluster bus), which must stay below the kernel's ephemeral range
     // (32,768 on): there any client connection of the tests beside this one could hold it, and
     // the node exits at start (seen once in CI: bus port 33,234). So base + 6 + 10,000 < 32,768.
-    let base: u16 = 21_000 + (std::process::id() % 170) as u16 * 12;
+    let base: u16 = 21_000 + (std::process::id() % 85) as u16 * 20;
 
     let _down = DownOnPanic(dir.path(), base);
     stack(dir.path(), base, "up");
@@ -97,6 +117,9 @@ async fn up_twice_then_down_leaves_nothing() {
         [
             "clickhouse",
             "clickhouse-cluster",
+            "clickhouse-replica-1",
+            "clickhouse-replica-2",
+            "clickhouse-replicas",
             "clickhouse-shard-1",
             "clickhouse-shard-2",
             "devbroker",
@@ -106,6 +129,7 @@ async fn up_twice_then_down_leaves_nothing() {
             &format!("redis-cluster-{}", base + 5),
             &format!("redis-cluster-{}", base + 6),
             "s3",
+            "zookeeper",
         ]
     );
     for (service, &pid) in &first {
@@ -169,6 +193,32 @@ async fn up_twice_then_down_leaves_nothing() {
             .await
             .expect("a query over the cluster");
         assert_eq!(servers, 2, "shard on port {http_port}");
+    }
+
+    // The replicas share one shard through the private ZooKeeper: each sees its macros and
+    // the other replica's row in the shard of `topk_replicated`.
+    for (http_port, replica) in [(base + 12, "r1"), (base + 13, "r2")] {
+        let server = clickhouse::Client::default()
+            .with_url(format!("http://127.0.0.1:{http_port}"))
+            .with_validation(false);
+        let name: String = server
+            .query("SELECT substitution FROM system.macros WHERE macro = 'replica'")
+            .fetch_one()
+            .await
+            .expect("macros");
+        let zookeeper: u64 = server
+            .query("SELECT count() FROM system.zookeeper WHERE path = '/'")
+            .fetch_one()
+            .await
+            .expect("ZooKeeper");
+        assert_eq!(name, replica);
+        assert!(zookeeper > 0, "ZooKeeper answers on port {http_port}");
+        let replicas: u64 = server
+            .query("SELECT count() FROM system.clusters WHERE cluster = 'topk_replicated'")
+            .fetch_one()
+            .await
+            .expect("clusters");
+        assert_eq!(replicas, 2);
     }
 
     stack(dir.path(), base, "down");

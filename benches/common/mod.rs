@@ -36,32 +36,54 @@ pub fn clickhouse_args(prefix: &str) -> topk::config::ClickHouseArgs {
         password_env: None,
         cluster: None,
         shard_urls: Vec::new(),
+        replica_urls: Vec::new(),
     }
 }
 
-/// Drops the database of `args` (a bench's fresh one); a failure only leaves it behind.
+/// Settings of a fresh database on the stack's ClickHouse cluster (`scripts/stack up
+/// clickhouse-cluster`, as `scripts/stack env` names it), when there is one.
+pub fn cluster_args(prefix: &str) -> Option<topk::config::ClickHouseArgs> {
+    let shard_urls: Vec<String> = std::env::var("TOPK_TEST_CLICKHOUSE_SHARD_URLS")
+        .ok()?
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    Some(topk::config::ClickHouseArgs {
+        url: shard_urls.first()?.clone(),
+        cluster: Some(std::env::var("TOPK_TEST_CLICKHOUSE_CLUSTER").unwrap_or("topk".into())),
+        shard_urls,
+        ..clickhouse_args(prefix)
+    })
+}
+
+/// Drops the database of `args` (a bench's fresh one) on every server; a failure only leaves
+/// it behind.
 pub async fn drop_database(args: &topk::config::ClickHouseArgs) {
-    let _ = topk::olap::server_client(args)
-        .query(&format!("DROP DATABASE IF EXISTS {}", args.database))
-        .execute()
-        .await;
+    let sql = format!("DROP DATABASE IF EXISTS {}", args.database);
+    let _ = topk::olap::server_client(args).query(&sql).execute().await;
+    for url in &args.shard_urls {
+        let _ = topk::olap::server_client_at(args, url)
+            .query(&sql)
+            .execute()
+            .await;
+    }
 }
 
 /// Inserts `rows` minute rows for `users` users spread over the 9 days before `window` ends,
 /// generated inside ClickHouse: each user repeats ~30 favourite songs out of 2,000.
 pub async fn generate_minute_rows(
-    client: &clickhouse::Client,
+    olap: impl Into<topk::olap::Olap>,
     window: topk::window::Window,
     users: u64,
     rows: u64,
 ) {
-    generate_minute_rows_over(client, window, users, rows, 9).await;
+    generate_minute_rows_over(olap, window, users, rows, 9).await;
 }
 
 /// [`generate_minute_rows`] over the `days` days before `window` ends (under 7: no answer
 /// ages for a day).
 pub async fn generate_minute_rows_over(
-    client: &clickhouse::Client,
+    olap: impl Into<topk::olap::Olap>,
     window: topk::window::Window,
     users: u64,
     rows: u64,
@@ -70,41 +92,71 @@ pub async fn generate_minute_rows_over(
     let span = days * 86_400;
     let newest = u64::from(window.end) - 60;
     eprintln!("generating {rows} minute rows for {users} users over {days} days…");
-    client
-        .query(&format!(
-            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
-             SELECT number % {users} + 1, \
-                    ((number % {users}) * 7919 + cityHash64(number) % 30) % 2000 + 1, \
-                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 1) % {span}))), \
-                    1 + number % 3, intDiv(number, 100000) \
+    insert_generated(
+        &olap.into(),
+        &format!(
+            "SELECT number % {users} + 1 AS user_id, \
+                    ((number % {users}) * 7919 + cityHash64(number) % 30) % 2000 + 1 AS song_id, \
+                    toStartOfMinute(toDateTime({newest} - (cityHash64(number, 1) % {span}))) AS minute, \
+                    1 + number % 3 AS plays, intDiv(number, 100000) AS batch_id \
              FROM numbers({rows})"
-        ))
-        .execute()
-        .await
-        .expect("generate");
+        ),
+    )
+    .await;
+}
+
+/// Inserts the minute rows `select` generates (columns user_id, song_id, minute, plays,
+/// batch_id) where topk would write them: each shard gets the rows of its own users
+/// (`user_id % shards`), so one server and a cluster hold the same data.
+pub async fn insert_generated(olap: &topk::olap::Olap, select: &str) {
+    let shards = olap.shards().len();
+    let inserts = olap.shards().iter().enumerate().map(|(index, shard)| {
+        let sql = format!(
+            "INSERT INTO plays_minute (user_id, song_id, minute, plays, batch_id) \
+             SELECT user_id, song_id, minute, plays, batch_id FROM ({select}) \
+             WHERE user_id % {shards} = {index}"
+        );
+        async move { shard.query(&sql).execute().await.expect("generate") }
+    });
+    join_all(inserts).await;
 }
 
 /// Rolls up every day the minute rows touch, as maintenance does once they are written (their
-/// day touches first, then the rollup once those are over a second old), and merges the minute
-/// table: what a long-running deployment reads. Returns how many days were rolled up.
-pub async fn roll_up_and_merge(client: &clickhouse::Client) -> usize {
-    client
-        .query(
+/// day touches first, on the meta server, then the rollup once those are over a second old),
+/// and merges the minute table of every shard: what a long-running deployment reads. Returns
+/// how many days were rolled up.
+pub async fn roll_up_and_merge(olap: impl Into<topk::olap::Olap>) -> usize {
+    let olap = olap.into();
+    let mut days = std::collections::BTreeSet::new();
+    for shard in olap.shards() {
+        let of_shard: Vec<String> = shard
+            .query("SELECT DISTINCT toString(toDate(minute)) FROM plays_minute")
+            .fetch_all()
+            .await
+            .expect("days of a shard");
+        days.extend(of_shard);
+    }
+    let days: Vec<String> = days.iter().map(|d| format!("'{d}'")).collect();
+    olap.meta()
+        .query(&format!(
             "INSERT INTO day_touches (day, touched_at) \
-             SELECT DISTINCT toDate(minute), now() - 5 FROM plays_minute",
-        )
+             SELECT toDate(day), now() - 5 FROM (SELECT arrayJoin([{}]) AS day)",
+            days.join(",")
+        ))
         .execute()
         .await
         .expect("day touches");
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let rolled = topk_maintenance::rollup(client, &topk::clock::SystemClock, false)
+    let rolled = topk_maintenance::rollup(olap.clone(), &topk::clock::SystemClock, false)
         .await
         .expect("rollup");
-    client
-        .query("OPTIMIZE TABLE plays_minute FINAL")
-        .execute()
-        .await
-        .expect("optimize");
+    for shard in olap.shards() {
+        shard
+            .query("OPTIMIZE TABLE plays_minute FINAL")
+            .execute()
+            .await
+            .expect("optimize");
+    }
     rolled.days.len()
 }
 

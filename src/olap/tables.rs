@@ -61,6 +61,10 @@ pub async fn write_plays_sharded(
     table: &str,
     rows: impl IntoIterator<Item = PlayRow>,
 ) -> Result<u64, clickhouse::error::Error> {
+    // One server: the rows stream into its insert, never gathered in a list first.
+    if let [server] = olap.shards() {
+        return write_plays(server, table, rows).await;
+    }
     let inserts = olap
         .by_shard(rows, |row| row.user_id)
         .into_iter()

@@ -89,6 +89,7 @@ pub fn clickhouse_args(database: &str) -> ClickHouseArgs {
         password_env: None,
         cluster: None,
         shard_urls: Vec::new(),
+        replica_urls: Vec::new(),
     }
 }
 

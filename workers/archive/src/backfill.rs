@@ -397,7 +397,10 @@ async fn write_and_replace(
     cells: Vec<((u64, u64, u32), u64)>,
 ) -> Result<Vec<u64>, clickhouse::error::Error> {
     client
-        .query(&format!("CREATE TABLE {staging} AS plays_minute"))
+        .query(&format!(
+            "CREATE TABLE {staging} AS plays_minute ENGINE = {}",
+            topk::migrate::PLAYS_MINUTE_ENGINE
+        ))
         .execute()
         .await?;
     // Every user whose counts in these days the replace may change: those with rows there now
