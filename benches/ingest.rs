@@ -261,25 +261,17 @@ async fn aggregator_round(
 ) -> (Rates, u64) {
     topk::migrate::run(&clickhouse).await.expect("migrate");
     let group = unique("bench_aggregator");
-    let mut flags = vec![
+    let mut flags = common::databases::clickhouse_flags(&clickhouse);
+    flags.extend([
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
-        format!("--clickhouse-url={}", clickhouse.url),
-        format!("--clickhouse-database={}", clickhouse.database),
         format!("--group={group}"),
         format!(
             "--flush-interval={}",
             std::env::var("TOPK_BENCH_FLUSH").unwrap_or_else(|_| "250ms".into())
         ),
         format!("--max-state-bytes={}", 4u64 << 30),
-    ];
-    if let Some(cluster) = &clickhouse.cluster {
-        flags.push(format!("--clickhouse-cluster={cluster}"));
-        flags.push(format!(
-            "--clickhouse-shard-urls={}",
-            clickhouse.shard_urls.join(",")
-        ));
-    }
+    ]);
     let args: topk_aggregator::AggregatorArgs = common::flags::parse(flags);
     let shutdown = CancellationToken::new();
     let started = Instant::now();

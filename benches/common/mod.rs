@@ -9,10 +9,16 @@ use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureRecord;
 
 // Self-contained modules of the tests' common folder, shared rather than copied.
+#[path = "../../tests/common/databases.rs"]
+pub mod databases;
 #[path = "../../tests/common/flags.rs"]
 pub mod flags;
 #[path = "../../tests/common/group.rs"]
 pub mod group;
+
+// Not every test or bench binary calls them.
+#[allow(unused_imports)]
+pub use databases::drop_database;
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -54,19 +60,6 @@ pub fn cluster_args(prefix: &str) -> Option<topk::config::ClickHouseArgs> {
         shard_urls,
         ..clickhouse_args(prefix)
     })
-}
-
-/// Drops the database of `args` (a bench's fresh one) on every server; a failure only leaves
-/// it behind.
-pub async fn drop_database(args: &topk::config::ClickHouseArgs) {
-    let sql = format!("DROP DATABASE IF EXISTS {}", args.database);
-    let _ = topk::olap::server_client(args).query(&sql).execute().await;
-    for url in &args.shard_urls {
-        let _ = topk::olap::server_client_at(args, url)
-            .query(&sql)
-            .execute()
-            .await;
-    }
 }
 
 /// Inserts `rows` minute rows for `users` users spread over the 9 days before `window` ends,

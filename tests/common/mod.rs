@@ -11,6 +11,7 @@ use rand::Rng;
 use topk::config::{ClickHouseArgs, KafkaArgs, RedisArgs};
 
 pub mod api_poller;
+pub mod databases;
 pub mod flags;
 pub mod group;
 pub mod plays;
@@ -20,6 +21,10 @@ pub mod private_redis;
 pub mod private_stack;
 pub mod roles;
 pub mod workload;
+
+// Not every test or bench binary calls them.
+#[allow(unused_imports)]
+pub use databases::{clickhouse_flags, drop_database};
 
 /// `TOPK_TEST_SCALE` (default 1, at least 1): multiplies the work of the tests that read it; CI
 /// runs 1, the full versions 10.
@@ -120,22 +125,6 @@ pub fn cluster_args(database: &str) -> ClickHouseArgs {
     }
 }
 
-/// The `topk` flags naming the ClickHouse of `args` (server or cluster, and database).
-pub fn clickhouse_flags(args: &ClickHouseArgs) -> Vec<String> {
-    let mut flags = vec![
-        format!("--clickhouse-url={}", args.url),
-        format!("--clickhouse-database={}", args.database),
-    ];
-    if let Some(cluster) = &args.cluster {
-        flags.push(format!("--clickhouse-cluster={cluster}"));
-        flags.push(format!(
-            "--clickhouse-shard-urls={}",
-            args.shard_urls.join(",")
-        ));
-    }
-    flags
-}
-
 /// On a cluster: each shard holds rows of its own users only (`user_id % shards`), asked of
 /// the shard directly, and the Distributed table `plays_minute_all` (queried on every server)
 /// sees `total` plays, every shard's.
@@ -182,18 +171,6 @@ pub async fn migrated_cluster_database() -> ClickHouseArgs {
         "migrations apply on a fresh cluster database (scripts/stack up clickhouse-cluster)",
     );
     args
-}
-
-/// Drops a test database (best effort, at the end of a test), on every shard of a cluster.
-pub async fn drop_database(args: &ClickHouseArgs) {
-    let sql = format!("DROP DATABASE IF EXISTS {}", args.database);
-    let _ = topk::olap::server_client(args).query(&sql).execute().await;
-    for url in &args.shard_urls {
-        let _ = topk::olap::server_client_at(args, url)
-            .query(&sql)
-            .execute()
-            .await;
-    }
 }
 
 /// Redis settings with a key prefix of the test's own.
