@@ -174,6 +174,16 @@ pub struct ClickHouseArgs {
         value_delimiter = ','
     )]
     pub replica_urls: Vec<String>,
+    /// The quota key every statement is sent with (the `X-ClickHouse-Quota` header): a server
+    /// whose quota is keyed by the client's key (`<keyed/>` on 18.16, `KEYED BY client_key`
+    /// on a current ClickHouse) then accounts each role (or tenant) apart, and
+    /// `system.query_log` names it beside every statement. Unset, no key is sent.
+    #[arg(
+        id = "clickhouse_quota_key",
+        long = "clickhouse-quota-key",
+        env = "TOPK_CLICKHOUSE_QUOTA_KEY"
+    )]
+    pub quota_key: Option<String>,
 }
 
 impl ClickHouseArgs {

@@ -119,11 +119,14 @@ pub fn statements(sql: &str) -> Vec<String> {
 }
 
 /// ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`: migrations add one column per statement,
-/// and a column already there (code 44: a run interrupted after that statement) counts as added.
+/// and a column already there (a run interrupted after that statement, or on a replicated table
+/// the `ALTER` of another replica) counts as added. 18.16 says so with code 44
+/// (ILLEGAL_COLUMN), a current ClickHouse with code 15 (DUPLICATE_COLUMN).
 fn column_already_added(statement: &str, error: &clickhouse::error::Error) -> bool {
     statement.to_uppercase().contains(" ADD COLUMN ")
         && matches!(error, clickhouse::error::Error::BadResponse(message)
-            if message.contains("Code: 44,") && message.contains("already exists"))
+            if (message.contains("Code: 44,") || message.contains("Code: 15."))
+                && message.contains("already exists"))
 }
 
 /// Cluster names of `remote_servers` may also hold `-` and `.`; never a quote.
@@ -406,6 +409,28 @@ fn now_secs() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The messages of both servers for an `ADD COLUMN` of a column that exists, as each
+    /// returns them (docs/clickhouse-versions.md); any other error is not "already added".
+    #[test]
+    fn a_column_already_there_is_added_on_both_servers() {
+        let statement = "ALTER TABLE flush_log ADD COLUMN retention_ms Int64 DEFAULT 0";
+        let error = |m: &str| clickhouse::error::Error::BadResponse(m.to_owned());
+        let on_18_16 = "Code: 44, e.displayText() = DB::Exception: Cannot add column a: \
+                        column with this name already exists, e.what() = DB::Exception";
+        let on_26_9 = "Code: 15. DB::Exception: Cannot add column `a`: column with this name \
+                       already exists. (DUPLICATE_COLUMN)";
+        assert!(column_already_added(statement, &error(on_18_16)));
+        assert!(column_already_added(statement, &error(on_26_9)));
+        assert!(!column_already_added(
+            statement,
+            &error("Code: 60. DB::Exception: Table flush_log does not exist. (UNKNOWN_TABLE)")
+        ));
+        assert!(!column_already_added(
+            "CREATE TABLE t (a UInt8)",
+            &error(on_26_9)
+        ));
+    }
 
     #[test]
     fn versions_are_numbered_in_order_and_files_match() {

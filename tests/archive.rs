@@ -84,10 +84,9 @@ fn backfill_args(
     let mut argv = vec![
         format!("--kafka-brokers={brokers}"),
         format!("--kafka-topic={topic}"),
-        format!("--clickhouse-url={}", clickhouse.url),
-        format!("--clickhouse-database={}", clickhouse.database),
         format!("--since={}", since_day()),
     ];
+    argv.extend(common::clickhouse_flags(clickhouse));
     argv.extend(store.iter().cloned());
     argv.extend(extra.iter().cloned());
     common::flags::parse(argv)
@@ -356,7 +355,11 @@ async fn stored(clickhouse: &topk::config::ClickHouseArgs) -> (u64, u64) {
 
 /// Drops every table of the test's database and recreates the schema: ClickHouse lost.
 async fn lose_clickhouse(clickhouse: &topk::config::ClickHouseArgs) {
-    common::drop_database(clickhouse).await;
+    topk::olap::server_client(clickhouse)
+        .query(&format!("DROP DATABASE {}", clickhouse.database))
+        .execute()
+        .await
+        .expect("database dropped");
     topk::migrate::run(clickhouse).await.expect("schema again");
     assert_eq!(workload::grand_total(clickhouse).await, Some(0));
 }
@@ -412,7 +415,54 @@ async fn disaster_drill_from_a_local_directory() {
         .await
         .expect("touches");
     assert_eq!(touched, first.days.len() as u64);
+    assert_no_replace_from_an_empty_day(&clickhouse).await;
     common::drop_database(&clickhouse).await;
+}
+
+/// Every `REPLACE PARTITION` the backfills sent (the server's query log, scripts/stack's
+/// `log_queries`) named a day that holds rows: a current ClickHouse refuses a replace from an
+/// empty source partition, so a day the archive holds nothing for (`--since` is a day before
+/// any play) must be dropped instead.
+async fn assert_no_replace_from_an_empty_day(clickhouse: &topk::config::ClickHouseArgs) {
+    let server = topk::olap::server_client(clickhouse);
+    server
+        .query("SYSTEM FLUSH LOGS")
+        .execute()
+        .await
+        .expect("logs flushed");
+    let replaced: Vec<String> = server
+        .query(
+            "SELECT DISTINCT extract(query, 'REPLACE PARTITION ([0-9]+)') FROM system.query_log \
+             WHERE quota_key = ? AND type = 2 AND query LIKE 'ALTER TABLE plays_minute REPLACE%'",
+        )
+        .bind(&clickhouse.database)
+        .fetch_all()
+        .await
+        .expect("query log");
+    let dropped: u64 = server
+        .query(
+            "SELECT count() FROM system.query_log WHERE quota_key = ? AND type = 2 \
+             AND query LIKE 'ALTER TABLE plays_minute DROP PARTITION%'",
+        )
+        .bind(&clickhouse.database)
+        .fetch_one()
+        .await
+        .expect("query log");
+    assert!(!replaced.is_empty(), "the backfills replaced days");
+    for partition in replaced {
+        let rows: u64 = topk::olap::client(clickhouse)
+            .query(&format!(
+                "SELECT count() FROM plays_minute WHERE toYYYYMMDD(minute, 'UTC') = {partition}"
+            ))
+            .fetch_one()
+            .await
+            .expect("rows of the day");
+        assert!(
+            rows > 0,
+            "partition {partition} was replaced from an empty source"
+        );
+    }
+    assert!(dropped > 0, "the day before any play was dropped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

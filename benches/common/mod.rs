@@ -43,6 +43,7 @@ pub fn clickhouse_args(prefix: &str) -> topk::config::ClickHouseArgs {
         cluster: None,
         shard_urls: Vec::new(),
         replica_urls: Vec::new(),
+        quota_key: None,
     }
 }
 

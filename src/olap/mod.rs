@@ -26,11 +26,17 @@ pub fn server_client(args: &ClickHouseArgs) -> Client {
 
 /// A client without a default database for the server at `url` (a shard of the cluster).
 pub fn server_client_at(args: &ClickHouseArgs, url: &str) -> Client {
-    Client::default()
+    let client = Client::default()
         .with_url(url)
         .with_user(&args.user)
         .with_password(args.password())
-        .with_validation(false)
+        .with_validation(false);
+    match &args.quota_key {
+        // A header: the user and password travel as headers, and 18.16 refuses a request
+        // that mixes them with the `quota_key` parameter.
+        Some(key) => client.with_header("X-ClickHouse-Quota", key),
+        None => client,
+    }
 }
 
 /// Whether the server answers a trivial query.

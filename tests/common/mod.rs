@@ -95,6 +95,9 @@ pub fn clickhouse_args(database: &str) -> ClickHouseArgs {
         cluster: None,
         shard_urls: Vec::new(),
         replica_urls: Vec::new(),
+        // Every statement of the test names its database in system.query_log, where the
+        // compatibility check (scripts/compat) finds the data it ran on.
+        quota_key: Some(database.to_owned()),
     }
 }
 

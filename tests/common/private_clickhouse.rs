@@ -41,7 +41,7 @@ impl PrivateClickHouse {
     <profiles><default></default></profiles>
     <users><default><password></password><networks><ip>127.0.0.1</ip></networks>
         <profile>default</profile><quota>default</quota></default></users>
-    <quotas><default></default></quotas>
+    <quotas><default><keyed/></default></quotas>
 </yandex>
 ";
         std::fs::write(dir.path().join("config.xml"), config).expect("config.xml");

@@ -418,18 +418,25 @@ async fn write_and_replace(
             .fetch_all()
             .await?;
     }
+    let staged_days: std::collections::BTreeSet<i64> = cells
+        .iter()
+        .map(|((_, _, minute), _)| i64::from(*minute).div_euclid(DAY_SECS) * DAY_SECS)
+        .collect();
     let staged = cells
         .into_iter()
         .map(|(cell, plays)| PlayRow::new(cell, plays, BACKFILL_BATCH_ID));
     tables::write_plays(client, staging, staged).await?;
     for &day in days {
-        client
-            .query(&format!(
-                "ALTER TABLE plays_minute REPLACE PARTITION {} FROM {staging}",
-                tables::day_partition(day as u32)
-            ))
-            .execute()
-            .await?;
+        // A day the archive holds no counts for is dropped, not replaced: a current ClickHouse
+        // (25.x) refuses `REPLACE PARTITION` from an empty source partition
+        // (`allow_replace_partition_from_empty_source`), and both mean the day is empty now.
+        let partition = tables::day_partition(day as u32);
+        let sql = if staged_days.contains(&day) {
+            format!("ALTER TABLE plays_minute REPLACE PARTITION {partition} FROM {staging}")
+        } else {
+            format!("ALTER TABLE plays_minute DROP PARTITION {partition}")
+        };
+        client.query(&sql).execute().await?;
     }
     Ok(before)
 }
