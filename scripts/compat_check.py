@@ -33,6 +33,11 @@ import urllib.parse
 import urllib.request
 
 URL = os.environ.get("TOPK_CLICKHOUSE_URL", "http://127.0.0.1:8123")
+# The stack's cluster shards and replicas: their statements are counted, not replayed (below).
+CLUSTER_URLS = [u for u in (
+    os.environ.get("TOPK_TEST_CLICKHOUSE_SHARD_URLS", "http://127.0.0.1:8131,http://127.0.0.1:8132")
+    + "," + os.environ.get("TOPK_TEST_CLICKHOUSE_REPLICA_URLS",
+                           "http://127.0.0.1:8141,http://127.0.0.1:8142")).split(",") if u]
 # Settings the stack's profile sets on every statement: not the client's.
 PROFILE_SETTINGS = {"log_queries", "max_memory_usage", "load_balancing"}
 COLLAPSING = ("ReplacingMergeTree", "SummingMergeTree", "CollapsingMergeTree",
@@ -45,14 +50,14 @@ class ServerError(Exception):
     pass
 
 
-def server(sql, database=None, settings=None, data=None):
+def server(sql, database=None, settings=None, data=None, url=None):
     """One statement on the 18.16 server over HTTP; its output as bytes."""
     params = {"query": sql}
     if database:
         params["database"] = database
     params.update(settings or {})
     request = urllib.request.Request(
-        URL + "/?" + urllib.parse.urlencode(params), data=data if data is not None else b"")
+        (url or URL) + "/?" + urllib.parse.urlencode(params), data=data if data is not None else b"")
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             return response.read()
@@ -121,11 +126,18 @@ class Replay:
         self.session = session
         self.by_kind = collections.Counter()        # statements of the suite, by kind
         self.shapes_by_kind = collections.Counter()
-        self.replayed = set()                       # shapes run on 26.9 as on 18.16
+        self.replayed = set()                       # shapes run on the new engine as on 18.16
         self.compared = set()                       # shapes whose results were compared
         self.differences = []
         self.rows_compared = 0
         self.statements_replayed = collections.Counter()
+        self.new = self.chdb("SELECT version()").decode().strip()
+        # Merges stopped on both sides: both hold the rows of the same parts until compared.
+        self.chdb("SYSTEM STOP MERGES")
+        # 25.8 replaces from an empty partition; 26.x refuses unless this setting says it may.
+        self.empty_source_setting = self.chdb(
+            "SELECT count() FROM system.settings "
+            "WHERE name = 'allow_replace_partition_from_empty_source'").strip() == b"1"
 
     def chdb(self, sql, fmt="TabSeparated"):
         return self.session.query(sql, fmt).bytes()
@@ -143,12 +155,12 @@ class Replay:
         self.chdb(f"USE {db}")
         for text, query in statements:
             sql = strip_format(query)
-            if re.search(r"\bREPLACE PARTITION\b", sql, re.I):
+            if self.empty_source_setting and re.search(r"\bREPLACE PARTITION\b", sql, re.I):
                 sql += " SETTINGS allow_replace_partition_from_empty_source = 1"
             try:
                 self.chdb(sql)
             except Exception as error:  # noqa: BLE001 (chdb raises its own errors)
-                self.differ("schema statement fails on 26.9", db, query, "ok on 18.16",
+                self.differ(f"schema statement fails on {self.new}", db, query, "ok on 18.16",
                             str(error))
                 continue
             if re.match(r"\s*CREATE DATABASE", sql, re.I):
@@ -186,19 +198,30 @@ class Replay:
         for table, engine in tables:
             if "MergeTree" not in engine:
                 continue
+            # Table by table too: 26.9 merges a table created after a global STOP MERGES.
+            self.chdb(f"SYSTEM STOP MERGES {db}.{table}")
             # MATERIALIZED columns as stored: computed again they could differ, or throw
             # (flush_log's fence is a MATERIALIZED throwIf on the time of the insert).
             stored = [(n, t) for n, t, k in self.columns(db, table) if k != "ALIAS"]
             names = ", ".join(n for n, _ in stored)
-            data = server(f"SELECT {names} FROM {db}.{table} FORMAT RowBinary")
-            with tempfile.NamedTemporaryFile(suffix=".bin") as f:
-                f.write(data)
-                f.flush()
-                structure = ", ".join(f"{n} {t}" for n, t in stored)
-                self.chdb(f"INSERT INTO {db}.{table} ({names}) SELECT * FROM "
-                          f"file('{f.name}', 'RowBinary', '{structure}') "
-                          f"SETTINGS optimize_on_insert = 0, "
-                          f"insert_allow_materialized_columns = 1")
+            structure = ", ".join(f"{n} {t}" for n, t in stored)
+            # Part by part, oldest first, each an insert of its own: the copy holds the same
+            # parts in the same order, so FINAL keeps the same row of a key (a
+            # ReplacingMergeTree without a version keeps the last inserted).
+            parts = [name for (name,) in server_rows(
+                f"SELECT name FROM system.parts WHERE database = '{db}' AND table = "
+                f"'{table}' AND active ORDER BY min_block_number, partition, name")]
+            for part in parts:
+                data = server(f"SELECT {names} FROM {db}.{table} WHERE _part = '{part}' "
+                              "FORMAT RowBinary", settings={"max_threads": "1"})
+                with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+                    f.write(data)
+                    f.flush()
+                    self.chdb(f"INSERT INTO {db}.{table} ({names}) SELECT * FROM "
+                              f"file('{f.name}', 'RowBinary', '{structure}') "
+                              f"SETTINGS optimize_on_insert = 0, "
+                              f"insert_allow_materialized_columns = 1, max_threads = 1, "
+                              f"max_insert_threads = 1")
 
     def compare_tables(self, db, tables, logical):
         for table, engine in tables:
@@ -228,7 +251,7 @@ class Replay:
             right = self.chdb(sql + (f" SETTINGS {clauses}" if clauses and
                                      " SETTINGS " not in sql.upper() else ""))
         except Exception as error:  # noqa: BLE001
-            self.differ("read fails on 26.9", db, query, left, str(error))
+            self.differ(f"read fails on {self.new}", db, query, left, str(error))
             return None
         self.replayed.add(text)
         self.statements_replayed["select"] += 1
@@ -253,7 +276,7 @@ class Replay:
         try:
             self.chdb(sql + (" SETTINGS mutations_sync = 2" if kind_ == "mutation" else ""))
         except Exception as error:  # noqa: BLE001
-            self.differ(f"{kind_} fails on 26.9", db, query, "ok on 18.16", str(error))
+            self.differ(f"{kind_} fails on {self.new}", db, query, "ok on 18.16", str(error))
             return None
         self.replayed.add(text)
         self.compared.add(text)  # the tables are compared after the writes
@@ -270,9 +293,20 @@ def wait_for_mutations(db):
     raise SystemExit(f"mutations of {db} still running on 18.16 after 60 s")
 
 
-def suite_statements(since=0):
+def wait_for_merges():
+    """Until no merge runs on 18.16: one that ends while the rows are copied would replace the
+    parts being copied by one that is not."""
+    for _ in range(600):
+        if not server_rows("SELECT 1 FROM system.merges"):
+            return
+        time.sleep(0.1)
+    raise SystemExit("merges still running on 18.16 60 s after SYSTEM STOP MERGES")
+
+
+def suite_statements(since=0, url=None):
     """(database, time, query, settings) of every statement the suite ran, in order."""
-    server("SYSTEM FLUSH LOGS")
+    url = url or URL
+    server("SYSTEM FLUSH LOGS", url=url)
     # One stream (max_threads = 1) reads the log in the order it was written.
     data = server(
         "SELECT quota_key, toUInt32(event_time) AS time, query, Settings.Names, "
@@ -283,10 +317,12 @@ def suite_statements(since=0):
         # counterpart in an embedded ClickHouse.
         "AND query NOT LIKE '%system.query_log%' AND query NOT LIKE 'SYSTEM FLUSH LOGS%' "
         "FORMAT JSONEachRow",
-        settings={"max_threads": "1"})
+        settings={"max_threads": "1"}, url=url)
     rows = []
     for line in data.decode(errors="replace").splitlines():
-        rows.append(json.loads(line))
+        row = json.loads(line)
+        if re.fullmatch(r"\w+", row["quota_key"]):  # the tests' keys are database names
+            rows.append(row)
     rows.sort(key=lambda row: int(row["time"]))  # a stable sort: the log's order within a second
     return rows
 
@@ -354,6 +390,7 @@ def main():
           f"replaying {len(chosen)} of them ({sum(sizes.get(db, 0) for db in chosen)} rows)")
 
     server("SYSTEM STOP MERGES")
+    wait_for_merges()
     not_replayable = collections.defaultdict(list)
     try:
         for db in chosen:
@@ -391,9 +428,9 @@ def main():
     for k in sorted(replay.by_kind):
         print(f"  {k:14} {replay.by_kind[k]:8} statements {replay.shapes_by_kind[k]:5} shapes"
               f"   failed {failed.get(k, 0)}")
-    print("compat: replayed on 26.9: " + ", ".join(
+    print(f"compat: replayed on {replay.new}: " + ", ".join(
         f"{k} {n}" for k, n in sorted(replay.statements_replayed.items())))
-    print(f"compat: shapes {len(shapes)}, run on 26.9 {len(shapes) - len(missing)}, "
+    print(f"compat: shapes {len(shapes)}, run on {replay.new} {len(shapes) - len(missing)}, "
           f"of them compared on the same data {len(replay.compared & shapes)} (the rest: "
           f"DDL and writes whose tables are gone, run in order on empty tables), "
           f"rows compared {replay.rows_compared}, differences {len(replay.differences)}")
@@ -403,16 +440,38 @@ def main():
             print(f"    18.16 on the final data: {error[:200]}")
     for what, db, query, left, right in replay.differences:
         print(f"compat: DIFFERENCE {what} in {db}: {str(query)[:500]}")
-        for side, value in (("18.16", left), ("26.9", right)):
+        for side, value in (("18.16", left), (replay.new, right)):
             value = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
             lines = value.splitlines()
             print(f"    {side}: " + " | ".join(lines[:SAMPLE_LINES])
                   + (f" … ({len(lines)} lines)" if len(lines) > SAMPLE_LINES else ""))
 
+    # The statements of the cluster tests went to the shards and replicas. Those of the same shape
+    # as a single server's are replayed above; the others (Distributed and Replicated tables,
+    # the cluster checks) need a cluster, which an embedded ClickHouse is not: counted here.
+    cluster_only = collections.Counter()
+    cluster_databases = collections.defaultdict(set)
+    for url in CLUSTER_URLS:
+        try:
+            for row in suite_statements(args.since, url):
+                cluster_databases[url].add(row["quota_key"])
+                text = shape(row["query"], row["quota_key"])
+                if int(row["type"]) == 2 and text not in shapes:
+                    cluster_only[text] += 1
+        except (ServerError, OSError):
+            print(f"compat: {url} does not answer: its statements are not counted")
+    print(f"compat: cluster-only shapes (shards and replicas; need a cluster, not replayed): "
+          f"{len(cluster_only)}, {sum(cluster_only.values())} statements")
+    for text, count in sorted(cluster_only.items()):
+        print(f"  {count:6}  {text[:160]}")
+
     if not args.keep:
         # The suite's databases (each named by the quota key of its statements).
         for db in sorted(existing & {row["quota_key"] for row in rows}):
             server(f"DROP DATABASE IF EXISTS {db}")
+        for url, databases in cluster_databases.items():
+            for db in sorted(databases):
+                server(f"DROP DATABASE IF EXISTS {db}", url=url)
     print(f"compat: {time.monotonic() - started:.0f} s")
     return 1 if replay.differences or missing else 0
 
