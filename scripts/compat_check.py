@@ -15,7 +15,15 @@ used as its quota key (the tests pass `--clickhouse-quota-key=<database>`). Step
    row for row, replay the read statements on both and compare their results row for row,
    then replay the writes (insert select, mutations, partition moves, optimize) on both and
    compare every table again (FINAL where the engine collapses).
-4. Print statements by kind, shapes replayed, rows compared and every difference; exit 1 on
+4. The stack's cluster servers (shards, replicas) got statements of their own: Distributed
+   and Replicated tables, the layout checks. Each server is replayed the same way in a chdb of
+   its own (a child process: chdb is one engine per process) configured as that server: its
+   clusters (`remote_servers`, so `is_local` says the same), its macros, its native port and,
+   for a replica, the stack's ZooKeeper under a root of its own. Its own databases are
+   replayed in full; of its reads and writes, those of a shape the main server lacks.
+   What an embedded ClickHouse cannot run (no interserver endpoint: its replicas stay
+   read-only; no `system.zookeeper`) is listed as such with the reason, never skipped silently.
+5. Print statements by kind, shapes replayed, rows compared and every difference; exit 1 on
    a difference or on a shape nothing replayed. `--keep` leaves the databases; otherwise they
    are dropped at the end.
 """
@@ -25,21 +33,37 @@ import collections
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 
 URL = os.environ.get("TOPK_CLICKHOUSE_URL", "http://127.0.0.1:8123")
-# The stack's cluster shards and replicas: their statements are counted, not replayed (below).
+# The stack's cluster shards and replicas: each replayed in a chdb of its own (below).
 CLUSTER_URLS = [u for u in (
     os.environ.get("TOPK_TEST_CLICKHOUSE_SHARD_URLS", "http://127.0.0.1:8131,http://127.0.0.1:8132")
     + "," + os.environ.get("TOPK_TEST_CLICKHOUSE_REPLICA_URLS",
                            "http://127.0.0.1:8141,http://127.0.0.1:8142")).split(",") if u]
 # Settings the stack's profile sets on every statement: not the client's.
 PROFILE_SETTINGS = {"log_queries", "max_memory_usage", "load_balancing"}
+ZOOKEEPER = "127.0.0.1:" + os.environ.get("TOPK_STACK_ZOOKEEPER_PORT", "2181")
+ZKCLI = "/usr/share/zookeeper/bin/zkCli.sh"  # Debian's zookeeper, which scripts/stack installs
+# What an embedded ClickHouse (clickhouse-local) cannot do, by the error it gives.
+EMBEDDED_LIMITS = {
+    "TABLE_IS_READ_ONLY": "a Replicated table in an embedded ClickHouse stays read-only (it has "
+                          "no interserver endpoint to announce to the other replicas)",
+    "system.zookeeper": "an embedded ClickHouse has no system.zookeeper",
+    # Its Distributed tables reach the other shards on the stack's 18.16 servers, whose native
+    # protocol refuses every setting 18.16 does not know, and a 26.9 initiator always sends
+    # some (`dialect`): 18.16 cannot be a shard of a 26.9 cluster, and chdb cannot be a shard.
+    "Unknown setting": "its Distributed table's other shard is the stack's 18.16 server, which "
+                       "refuses a 26.9 initiator's settings (an embedded ClickHouse cannot "
+                       "serve as a 26.9 shard)",
+}
 COLLAPSING = ("ReplacingMergeTree", "SummingMergeTree", "CollapsingMergeTree",
               "AggregatingMergeTree", "VersionedCollapsingMergeTree")
 INSTANCES_PER_SHAPE = 4
@@ -131,6 +155,9 @@ class Replay:
         self.differences = []
         self.rows_compared = 0
         self.statements_replayed = collections.Counter()
+        self.limits = {}                            # shape -> what the embedded engine lacks
+        self.readonly = set()                       # (database, table) read-only in chdb
+        self.out_of_reach = {}                      # (database, table) -> why (readonly too)
         self.new = self.chdb("SELECT version()").decode().strip()
         # Merges stopped on both sides: both hold the rows of the same parts until compared.
         self.chdb("SYSTEM STOP MERGES")
@@ -145,6 +172,42 @@ class Replay:
     def differ(self, what, db, query, left, right):
         self.differences.append((what, db, query, left, right))
 
+    def limited(self, text, error):
+        """Whether the error is one an embedded ClickHouse gives for what it lacks (noted)."""
+        for sign, reason in EMBEDDED_LIMITS.items():
+            if sign in str(error):
+                self.limits.setdefault(text, reason)
+                return True
+        return False
+
+    def out_of_reach_in(self, db, sql, readonly=True):
+        """Why a statement cannot run here (it names a table out of reach), or None. A read-only
+        replica counts in a string too (its columns in system.columns are not 18.16's: its
+        ALTERs could not run); a Distributed table only where the statement uses it."""
+        code = re.sub(r"'(?:[^'\\]|\\.)*'", "''", sql)
+        return next((why for (d, t), why in self.out_of_reach.items()
+                     if d == db and (readonly or (d, t) not in self.readonly) and re.search(rf"\b{t}\b",
+                                              sql if (d, t) in self.readonly else code)), None)
+
+    def find_out_of_reach(self, db):
+        """The tables of `db` chdb holds but cannot use as 18.16 does: the read-only replicas,
+        the Distributed tables whose shards it cannot query."""
+        self.readonly |= {tuple(line.split("\t")) for line in self.chdb(
+            "SELECT database, table FROM system.replicas WHERE is_readonly").decode().splitlines()}
+        for key in self.readonly:
+            self.out_of_reach.setdefault(key, EMBEDDED_LIMITS["TABLE_IS_READ_ONLY"])
+        for (table,) in [line.split("\t") for line in self.chdb(
+                f"SELECT name FROM system.tables WHERE database = '{db}' "
+                f"AND engine = 'Distributed'").decode().splitlines()]:
+            try:
+                self.chdb(f"SELECT count() FROM {db}.{table}")
+            except Exception as error:  # noqa: BLE001
+                why = next((r for sign, r in EMBEDDED_LIMITS.items() if sign in str(error)),
+                           None)
+                if why is None:
+                    raise
+                self.out_of_reach[(db, table)] = why
+
     # The schema: every DDL, partition and insert-select statement, in the order 18.16 ran
     # them, on empty tables (the writes run again on the data below). Their data is gone (the suite's staging tables, the rows before a migration), so
     # a replace from a staging table here always replaces from an empty partition, which 26.9
@@ -155,18 +218,31 @@ class Replay:
         self.chdb(f"USE {db}")
         for text, query in statements:
             sql = strip_format(query)
+            # Not of the read-only replicas: their RENAMEs and DROPs run, their ALTERs fail below.
+            why = self.out_of_reach_in(db, sql, readonly=False)
+            if why:  # an insert through a Distributed table: half of it would land here
+                self.limits.setdefault(text, why)
+                continue
             if self.empty_source_setting and re.search(r"\bREPLACE PARTITION\b", sql, re.I):
                 sql += " SETTINGS allow_replace_partition_from_empty_source = 1"
             try:
                 self.chdb(sql)
             except Exception as error:  # noqa: BLE001 (chdb raises its own errors)
-                self.differ(f"schema statement fails on {self.new}", db, query, "ok on 18.16",
-                            str(error))
+                self.find_out_of_reach(db)
+                why = self.out_of_reach_in(db, sql)
+                if why:  # e.g. an ALTER of a read-only replica, or of a column it did not add
+                    self.limits.setdefault(text, why)
+                elif not self.limited(text, error):
+                    self.differ(f"schema statement fails on {self.new}", db, query,
+                                "ok on 18.16", str(error))
                 continue
             if re.match(r"\s*CREATE DATABASE", sql, re.I):
                 self.chdb(f"USE {db}")  # again, after a test dropped its database
+            if re.search(r"\bENGINE\s*=\s*(Replicated|Distributed)", sql):
+                self.find_out_of_reach(db)
             self.replayed.add(text)
             self.statements_replayed["schema"] += 1
+        self.find_out_of_reach(db)
 
     def tables(self, db):
         rows = server_rows(
@@ -186,6 +262,8 @@ class Replay:
         if ours != theirs:
             self.differ("tables", db, "system.tables", ours, theirs)
         for table, _ in ours:
+            if (db, table) in self.readonly:
+                continue  # its ALTERs could not run (a read-only replica): noted as a limit
             left = [(n, t) for n, t, _ in self.columns(db, table)]
             right = [tuple(line.split("\t")) for line in self.chdb(
                 f"SELECT name, type FROM system.columns WHERE database = '{db}' "
@@ -196,7 +274,7 @@ class Replay:
 
     def copy_rows(self, db, tables):
         for table, engine in tables:
-            if "MergeTree" not in engine:
+            if "MergeTree" not in engine or (db, table) in self.readonly:
                 continue
             # Table by table too: 26.9 merges a table created after a global STOP MERGES.
             self.chdb(f"SYSTEM STOP MERGES {db}.{table}")
@@ -225,7 +303,7 @@ class Replay:
 
     def compare_tables(self, db, tables, logical):
         for table, engine in tables:
-            if "MergeTree" not in engine:
+            if "MergeTree" not in engine or (db, table) in self.readonly:
                 continue
             names = ", ".join(n for n, _, k in self.columns(db, table) if k != "ALIAS")
             final = " FINAL" if logical and engine.endswith(COLLAPSING) else ""
@@ -245,13 +323,18 @@ class Replay:
             # The statement ran during the suite but not on the final data (e.g. a table a
             # test dropped): not a replay.
             return str(error)
+        why = self.out_of_reach_in(db, sql)
+        if why:  # e.g. a read-only replica here, without the rows or columns 18.16's has
+            self.limits.setdefault(text, why)
+            return None
         clauses = ", ".join(f"{k} = {v!r}" if not v.isdigit() else f"{k} = {v}"
                             for k, v in settings.items())
         try:
             right = self.chdb(sql + (f" SETTINGS {clauses}" if clauses and
                                      " SETTINGS " not in sql.upper() else ""))
         except Exception as error:  # noqa: BLE001
-            self.differ(f"read fails on {self.new}", db, query, left, str(error))
+            if not self.limited(text, error):
+                self.differ(f"read fails on {self.new}", db, query, left, str(error))
             return None
         self.replayed.add(text)
         self.statements_replayed["select"] += 1
@@ -265,18 +348,30 @@ class Replay:
         self.compared.add(text)
         return None
 
-    def write(self, db, text, kind_, query):
+    def write(self, db, text, kind_, query, distributed=()):
         sql = strip_format(query)
+        why = self.out_of_reach_in(db, sql)
+        if why:
+            self.limits.setdefault(text, why)
+            return None
+        target = re.match(r"\s*INSERT\s+INTO\s+`?(\w+)", sql, re.I)
+        # An insert through a Distributed table: sent to the shards before it returns, on both
+        # sides (18.16's default sends later, in the background, while rows are compared). The
+        # other shards are the stack's 18.16 servers, for both engines' Distributed tables.
+        sync = target is not None and target.group(1) in distributed
         try:
-            server(sql, database=db)
+            server(sql, database=db, settings={"insert_distributed_sync": "1"} if sync else None)
         except ServerError as error:
             return str(error)
         if kind_ == "mutation":
             wait_for_mutations(db)
         try:
-            self.chdb(sql + (" SETTINGS mutations_sync = 2" if kind_ == "mutation" else ""))
+            self.chdb(sql + (" SETTINGS mutations_sync = 2" if kind_ == "mutation" else
+                             " SETTINGS insert_distributed_sync = 1" if sync else ""))
         except Exception as error:  # noqa: BLE001
-            self.differ(f"{kind_} fails on {self.new}", db, query, "ok on 18.16", str(error))
+            if not self.limited(text, error):
+                self.differ(f"{kind_} fails on {self.new}", db, query, "ok on 18.16",
+                            str(error))
             return None
         self.replayed.add(text)
         self.compared.add(text)  # the tables are compared after the writes
@@ -327,24 +422,96 @@ def suite_statements(since=0, url=None):
     return rows
 
 
+STACK_DIR = os.environ.get("TOPK_STACK_DIR") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", ".stack")
+
+
+def server_config(url, zk_root):
+    """A chdb config that makes it the server at `url` as far as statements can tell: the
+    clusters, macros, native port (so `is_local` marks the same replica) and ZooKeeper of the
+    stack's config of that server (found by its HTTP port), ZooKeeper under `zk_root`."""
+    port = urllib.parse.urlparse(url).port
+    for name in sorted(os.listdir(STACK_DIR)):
+        path = os.path.join(STACK_DIR, name, "config.xml")
+        if not os.path.isfile(path):
+            continue
+        root = ET.parse(path).getroot()
+        if root.findtext("http_port") != str(port):
+            continue
+        config = ET.Element("clickhouse")
+        for tag in ("tcp_port", "remote_servers", "macros", "zookeeper", "timezone"):
+            element = root.find(tag)
+            if element is not None:
+                config.append(element)
+        zookeeper = config.find("zookeeper")
+        if zookeeper is not None:
+            ET.SubElement(zookeeper, "root").text = zk_root
+        return ET.tostring(config, encoding="unicode"), zookeeper is not None
+    raise SystemExit(f"compat: no config of the server at {url} under {STACK_DIR}")
+
+
+def zookeeper_cli(*command):
+    subprocess.run([ZKCLI, "-server", ZOOKEEPER, *command], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def replay_cluster_server(url, args, main_shapes, workdir):
+    """Replays the server at `url` in a child process (chdb is one engine per process) configured
+    as that server; its report."""
+    zk_root = f"/topk-compat/{os.getpid()}-{urllib.parse.urlparse(url).port}"
+    config, zookeeper = server_config(url, zk_root)
+    base = os.path.join(workdir, str(urllib.parse.urlparse(url).port))
+    with open(base + ".xml", "w") as f:
+        f.write(config)
+    with open(base + ".shapes.json", "w") as f:
+        json.dump(sorted(main_shapes), f)
+    if zookeeper:  # its Replicated tables register there, apart from the 18.16 replicas'
+        for node in ("/topk-compat", zk_root):
+            subprocess.run([ZKCLI, "-server", ZOOKEEPER, "create", node],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--keep",
+                        "--since", str(args.since), "--server", url, "--config", base + ".xml",
+                        "--main-shapes", base + ".shapes.json", "--report", base + ".json",
+                        "--session", base + ".chdb"], check=True)
+    finally:
+        if zookeeper:
+            zookeeper_cli("deleteall", zk_root)
+    with open(base + ".json") as f:
+        return json.load(f)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the test databases")
     parser.add_argument("--session", default=None, help="chdb data directory")
     parser.add_argument("--since", type=int, default=0,
                         help="only statements from this Unix time on (the suite's start)")
+    # A cluster server's replay (a child of the main one).
+    parser.add_argument("--server", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--main-shapes", help=argparse.SUPPRESS)
+    parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global URL
+    URL = args.server or URL
 
     from chdb import __version__ as chdb_version  # noqa: E402 (installed by scripts/compat)
     from chdb.session import Session
 
     started = time.monotonic()
     session_dir = args.session or tempfile.mkdtemp(prefix="topk-compat-")
-    session = Session(session_dir)
+    session = Session(session_dir + (f"?config-file={args.config}" if args.config else ""))
     replay = Replay(session)
     old = server("SELECT version()").decode().strip()
     new = session.query("SELECT version()", "TSV").bytes().decode().strip()
-    print(f"compat: ClickHouse {old} (server) against {new} (chdb {chdb_version})")
+    if not args.server:
+        print(f"compat: ClickHouse {old} (server) against {new} (chdb {chdb_version})")
+    # A cluster server replays the shapes the main server has not (its schema in full).
+    main_shapes = set()
+    if args.main_shapes:
+        with open(args.main_shapes) as f:
+            main_shapes = set(json.load(f))
 
     rows = suite_statements(args.since)
     existing = {name for (name,) in server_rows("SELECT name FROM system.databases")}
@@ -362,7 +529,8 @@ def main():
         if int(row["type"]) != 2:
             failed[kinds[text]] += 1
             continue
-        replay.by_kind[kinds[text]] += 1
+        if text not in main_shapes:
+            replay.by_kind[kinds[text]] += 1
         if db not in existing:
             continue
         settings = {n: v for n, v in zip(row["Settings.Names"], row["Settings.Values"])
@@ -373,20 +541,21 @@ def main():
         if query not in same_text:
             instances[text][db].append((query, settings))
     shapes = {text for row in rows if int(row["type"]) == 2
-              for text in [shape(row["query"], row["quota_key"])]}
+              for text in [shape(row["query"], row["quota_key"])]} - main_shapes
     for text in shapes:
         replay.shapes_by_kind[kinds[text]] += 1
 
     # Few, small databases holding every shape: the smallest first, each taken only when it
     # holds a shape not yet held.
     chosen, held = [], set()
-    for db in sorted({db for by_db in instances.values() for db in by_db},
+    for db in sorted({db for text in shapes for db in instances[text]},
                      key=lambda db: (sizes.get(db, 0), db)):
-        mine = {text for text, by_db in instances.items() if db in by_db}
+        mine = {text for text in shapes if db in instances[text]}
         if mine - held:
             chosen.append(db)
             held |= mine
-    print(f"compat: {len(rows)} statements of the suite in {len(sizes)} databases kept; "
+    where = f" on {URL}" if args.server else ""
+    print(f"compat{where}: {len(rows)} statements of the suite in {len(sizes)} databases kept; "
           f"replaying {len(chosen)} of them ({sum(sizes.get(db, 0) for db in chosen)} rows)")
 
     server("SYSTEM STOP MERGES")
@@ -396,23 +565,25 @@ def main():
         for db in chosen:
             replay.schema(db, schema[db])
             tables = replay.compare_schema(db)
+            distributed = {table for table, engine in tables if engine == "Distributed"}
             replay.copy_rows(db, tables)
             replay.compare_tables(db, tables, logical=False)
             replay.compare_tables(db, tables, logical=True)
-            picks = [(text, query, settings) for text, by_db in instances.items()
-                     for query, settings in by_db.get(db, [])[:INSTANCES_PER_SHAPE]]
+            picks = [(text, query, settings) for text in shapes
+                     for query, settings in instances[text].get(db, [])[:INSTANCES_PER_SHAPE]]
             for text, query, settings in picks:
                 if kinds[text] in ("select", "metadata"):
                     error = replay.read(db, text, query, settings)
                     if error:
                         not_replayable[text].append(error)
             for text, query, _ in picks:
-                if kinds[text] in ("insert select", "mutation", "partition", "optimize"):
-                    error = replay.write(db, text, kinds[text], query)
+                if kinds[text] in ("insert select", "mutation", "partition", "optimize",
+                                   "system"):
+                    error = replay.write(db, text, kinds[text], query, distributed)
                     if error and kinds[text] != "partition":
                         not_replayable[text].append(error)
             replay.compare_tables(db, tables, logical=True)
-            print(f"compat: {db}: {len(tables)} tables, {sizes.get(db, 0)} rows, "
+            print(f"compat{where}: {db}: {len(tables)} tables, {sizes.get(db, 0)} rows, "
                   f"{len(picks)} statements")
     finally:
         server("SYSTEM START MERGES")
@@ -422,7 +593,63 @@ def main():
         if kinds[text] == "insert data" and any(db in chosen for db in instances[text]):
             replay.replayed.add(text)
             replay.compared.add(text)
-    missing = sorted(text for text in shapes if text not in replay.replayed)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({
+                "shapes": {text: kinds[text] for text in shapes},
+                "by_kind": replay.by_kind, "failed": failed,
+                "replayed": sorted(replay.replayed & shapes),
+                "compared": sorted(replay.compared & shapes),
+                "limits": {t: r for t, r in replay.limits.items()
+                           if t in shapes and t not in replay.replayed},
+                "statements_replayed": replay.statements_replayed,
+                "rows_compared": replay.rows_compared,
+                "differences": [(f"{w} (on {URL})", d, str(q), l.decode(errors="replace") if
+                                 isinstance(l, bytes) else str(l),
+                                 r.decode(errors="replace") if isinstance(r, bytes) else str(r))
+                                for w, d, q, l, r in replay.differences],
+                "not_replayable": {t: e[:1] for t, e in not_replayable.items()},
+                "databases": sorted({row["quota_key"] for row in rows}),
+            }, f)
+        # Out without the engine's shutdown: with Replicated and Distributed tables it waits
+        # minutes on ZooKeeper and its send queues, and its data directory is thrown away.
+        sys.stdout.flush()
+        os._exit(0)
+
+    # The cluster servers: each replayed as itself, of its shapes those the main server lacks.
+    main_shapes = set(shapes)
+    cluster_databases = {}
+    limits = {}
+    with tempfile.TemporaryDirectory(prefix="topk-compat-cluster-") as workdir:
+        for url in CLUSTER_URLS:
+            try:
+                server("SELECT 1", url=url)
+            except (ServerError, OSError):
+                print(f"compat: {url} does not answer: its statements are not replayed")
+                continue
+            report = replay_cluster_server(url, args, shapes, workdir)
+            cluster_databases[url] = report["databases"]
+            for text, k in report["shapes"].items():
+                kinds[text] = k
+                if text not in shapes:
+                    shapes.add(text)
+                    replay.shapes_by_kind[k] += 1
+            for k, n in report["by_kind"].items():
+                replay.by_kind[k] += n
+            for k, n in report["failed"].items():
+                failed[k] += n
+            replay.replayed |= set(report["replayed"])
+            replay.compared |= set(report["compared"])
+            limits.update(report["limits"])
+            for k, n in report["statements_replayed"].items():
+                replay.statements_replayed[k] += n
+            replay.rows_compared += report["rows_compared"]
+            replay.differences += [tuple(d) for d in report["differences"]]
+            for text, errors in report["not_replayable"].items():
+                not_replayable[text] += errors
+    limited = sorted(text for text in shapes if text in limits and text not in replay.replayed)
+    missing = sorted(text for text in shapes if text not in replay.replayed and
+                     text not in limits)
 
     print("compat: statements of the suite by kind (successful; failed on 18.16 too):")
     for k in sorted(replay.by_kind):
@@ -430,10 +657,20 @@ def main():
               f"   failed {failed.get(k, 0)}")
     print(f"compat: replayed on {replay.new}: " + ", ".join(
         f"{k} {n}" for k, n in sorted(replay.statements_replayed.items())))
-    print(f"compat: shapes {len(shapes)}, run on {replay.new} {len(shapes) - len(missing)}, "
-          f"of them compared on the same data {len(replay.compared & shapes)} (the rest: "
-          f"DDL and writes whose tables are gone, run in order on empty tables), "
-          f"rows compared {replay.rows_compared}, differences {len(replay.differences)}")
+    cluster_only = len(shapes - main_shapes)
+    print(f"compat: shapes {len(shapes)} ({cluster_only} only on the cluster servers), run on "
+          f"{replay.new} {len(shapes) - len(missing) - len(limited)}, of them compared on the "
+          f"same data {len(replay.compared & shapes)} (the rest: DDL and writes whose tables "
+          f"are gone, run in order on empty tables), rows compared {replay.rows_compared}, "
+          f"differences {len(replay.differences)}")
+    print("compat: the cluster servers' own shapes:")
+    for text in sorted(shapes - main_shapes):
+        state = ("compared" if text in replay.compared else "run" if text in replay.replayed
+                 else "embedded limit" if text in limits else "NOT REPLAYED")
+        print(f"  {kinds[text]:13} {state:14} {text[:150]}")
+    for text in limited:
+        print(f"compat: NOT RUNNABLE EMBEDDED ({kinds[text]}): {text[:200]}")
+        print(f"    because {limits[text]}")
     for text in missing:
         print(f"compat: NOT REPLAYED ({kinds[text]}): {text[:300]}")
         for error in not_replayable.get(text, [])[:1]:
@@ -446,35 +683,15 @@ def main():
             print(f"    {side}: " + " | ".join(lines[:SAMPLE_LINES])
                   + (f" … ({len(lines)} lines)" if len(lines) > SAMPLE_LINES else ""))
 
-    # The statements of the cluster tests went to the shards and replicas. Those of the same shape
-    # as a single server's are replayed above; the others (Distributed and Replicated tables,
-    # the cluster checks) need a cluster, which an embedded ClickHouse is not: counted here.
-    cluster_only = collections.Counter()
-    cluster_databases = collections.defaultdict(set)
-    for url in CLUSTER_URLS:
-        try:
-            for row in suite_statements(args.since, url):
-                cluster_databases[url].add(row["quota_key"])
-                text = shape(row["query"], row["quota_key"])
-                if int(row["type"]) == 2 and text not in shapes:
-                    cluster_only[text] += 1
-        except (ServerError, OSError):
-            print(f"compat: {url} does not answer: its statements are not counted")
-    print(f"compat: cluster-only shapes (shards and replicas; need a cluster, not replayed): "
-          f"{len(cluster_only)}, {sum(cluster_only.values())} statements")
-    for text, count in sorted(cluster_only.items()):
-        print(f"  {count:6}  {text[:160]}")
-
     if not args.keep:
         # The suite's databases (each named by the quota key of its statements).
         for db in sorted(existing & {row["quota_key"] for row in rows}):
             server(f"DROP DATABASE IF EXISTS {db}")
         for url, databases in cluster_databases.items():
-            for db in sorted(databases):
+            for db in databases:
                 server(f"DROP DATABASE IF EXISTS {db}", url=url)
     print(f"compat: {time.monotonic() - started:.0f} s")
     return 1 if replay.differences or missing else 0
-
 
 
 if __name__ == "__main__":
