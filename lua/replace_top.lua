@@ -19,10 +19,17 @@
 --                           bound; one further ahead was not written by a writer (a hand-written
 --                           or poisoned meta, a clock years off) and would refuse every honest
 --                           rewrite forever, so it is treated as corrupt and overwritten.
--- then, for each user i in KEYS order: n_i (its number of songs, >= 0), followed by n_i pairs
+-- then, for each user i in KEYS order: n_i (its number of songs, >= 0), its fingerprint (a
+-- digest of the answer's songs and plays, the empty string for none), followed by n_i pairs
 -- plays, song_id (ZADD order).
 --
--- Returns one code per user, in KEYS order: 1 when the answer was written, 2 when it was empty
+-- An answer whose fingerprint equals the stored one is the stored answer: only its version,
+-- times and TTLs are renewed (most refreshes of an active user change nothing the answer holds,
+-- and rewriting its songs is most of a write's Redis time). The songs are rewritten whenever
+-- their key is gone (evicted) or the stored version is corrupt.
+--
+-- Returns one code per user, in KEYS order: 1 when the answer was written, 5 when it was
+-- renewed unchanged, 2 when it was empty
 -- (the songs key is deleted and the meta key becomes a tombstone holding only `computed_at_ms`,
 -- so that an older non-empty answer still in flight cannot resurrect the user; it expires after
 -- tombstone_ttl_ms, leaving no keys), 0 when refused because the stored version is newer; 3 and
@@ -46,7 +53,7 @@ for i = 1, users do
     return redis.error_reply('replace_top: bad arguments')
   end
   counts[i] = n
-  next_arg = next_arg + 1 + 2 * n
+  next_arg = next_arg + 2 + 2 * n
 end
 if next_arg ~= #ARGV + 1 then
   return redis.error_reply('replace_top: bad arguments')
@@ -56,10 +63,18 @@ local codes = {}
 next_arg = 8
 for i = 1, users do
   local songs, meta, n = KEYS[2 * i - 1], KEYS[2 * i], counts[i]
-  local stored = tonumber(redis.call('HGET', meta, 'computed_at_ms'))
+  local fingerprint = ARGV[next_arg + 1]
+  local stored_meta = redis.call('HMGET', meta, 'computed_at_ms', 'fingerprint')
+  local stored = tonumber(stored_meta[1])
   local corrupt = stored ~= nil and stored > version + max_ahead
   if stored and stored > version and not corrupt then
     codes[i] = 0
+  elseif n > 0 and not corrupt and fingerprint ~= '' and stored_meta[2] == fingerprint
+      and redis.call('PEXPIRE', songs, ttl) == 1 then
+    redis.call('HSET', meta, 'computed_at_ms', ARGV[1], 'computed_at', ARGV[4],
+      'window_start', ARGV[5], 'window_end', ARGV[6])
+    redis.call('PEXPIRE', meta, ttl)
+    codes[i] = 5
   else
     redis.call('DEL', songs, meta)
     if n == 0 then
@@ -67,15 +82,15 @@ for i = 1, users do
       redis.call('PEXPIRE', meta, tombstone_ttl)
       codes[i] = 2
     else
-      redis.call('ZADD', songs, unpack(ARGV, next_arg + 1, next_arg + 2 * n))
+      redis.call('ZADD', songs, unpack(ARGV, next_arg + 2, next_arg + 1 + 2 * n))
       redis.call('HSET', meta, 'computed_at_ms', ARGV[1], 'computed_at', ARGV[4],
-        'window_start', ARGV[5], 'window_end', ARGV[6])
+        'window_start', ARGV[5], 'window_end', ARGV[6], 'fingerprint', fingerprint)
       redis.call('PEXPIRE', songs, ttl)
       redis.call('PEXPIRE', meta, ttl)
       codes[i] = 1
     end
     if corrupt then codes[i] = codes[i] + 2 end
   end
-  next_arg = next_arg + 1 + 2 * n
+  next_arg = next_arg + 2 + 2 * n
 end
 return codes

@@ -338,6 +338,9 @@ const IN_FLIGHT: usize = 256;
 pub enum Outcome {
     /// The answer was stored.
     Written,
+    /// The answer was the stored one (same fingerprint): its version, times and TTLs were
+    /// renewed, its songs left as they were.
+    Unchanged,
     /// The answer was empty: the songs are gone, a short-lived tombstone guards the version.
     Emptied,
     /// A newer computation was already stored; nothing changed.
@@ -354,6 +357,7 @@ impl Outcome {
         }
         match reply {
             1 | 3 => Ok(Outcome::Written),
+            5 => Ok(Outcome::Unchanged),
             2 | 4 => Ok(Outcome::Emptied),
             0 => Ok(Outcome::Refused),
             other => Err(RedisError::from((
@@ -397,6 +401,23 @@ fn millis(duration: Duration) -> u64 {
         .max(1)
 }
 
+/// The digest `replace_top.lua` compares to tell an unchanged answer: 128 bits of XXH3 over
+/// the songs in rank order, each as its id and plays (little-endian), in hex; empty for an
+/// empty answer. Two different answers share one with a probability of 2^-128 per pair, far
+/// below any fault the system survives; a false mismatch (another version of this function)
+/// only costs a full write.
+pub fn fingerprint(songs: &[RankedSong]) -> String {
+    if songs.is_empty() {
+        return String::new();
+    }
+    let mut bytes = Vec::with_capacity(songs.len() * 16);
+    for song in songs {
+        bytes.extend_from_slice(&song.song_id.to_le_bytes());
+        bytes.extend_from_slice(&song.plays.to_le_bytes());
+    }
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+}
+
 /// The script call that stores `answers` (all in one slot: one user on a cluster).
 fn invocation<'a>(
     target: &Target,
@@ -417,7 +438,7 @@ fn invocation<'a>(
         .arg(window.end_rfc3339())
         .arg(millis(MAX_VERSION_AHEAD));
     for answer in answers {
-        call.arg(answer.songs.len());
+        call.arg(answer.songs.len()).arg(fingerprint(answer.songs));
         for song in answer.songs {
             call.arg(song.plays).arg(song.song_id);
         }
@@ -546,6 +567,28 @@ pub async fn replace_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ranked(list: &[(u64, u64)]) -> Vec<RankedSong> {
+        crate::window::rank(list.to_vec(), crate::window::MAX_LIMIT)
+    }
+
+    #[test]
+    fn a_fingerprint_tells_every_change_of_songs_or_plays() {
+        let answer = ranked(&[(7, 31), (9, 12), (3, 12)]);
+        assert_eq!(fingerprint(&answer), fingerprint(&answer.clone()));
+        assert_eq!(fingerprint(&answer).len(), 32);
+        assert_eq!(fingerprint(&[]), "");
+        let changes = [
+            ranked(&[(7, 32), (9, 12), (3, 12)]),         // one more play
+            ranked(&[(7, 31), (9, 12)]),                  // a song left
+            ranked(&[(7, 31), (9, 12), (3, 12), (4, 1)]), // a song came in
+            ranked(&[(7, 31), (9, 12), (5, 12)]),         // another song, same plays
+            ranked(&[(12, 7), (9, 31), (3, 12)]),         // ids and plays swapped
+        ];
+        for changed in &changes {
+            assert_ne!(fingerprint(changed), fingerprint(&answer), "{changed:?}");
+        }
+    }
 
     #[test]
     fn keys_follow_the_contract() {

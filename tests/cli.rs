@@ -181,7 +181,7 @@ async fn warmup_fills_redis_and_top_answers_from_it() {
     let warmup = json(&topk(&["warmup"], &clickhouse, &redis));
     assert_eq!(
         warmup,
-        serde_json::json!({"users": 2, "written": 2, "emptied": 0, "refused": 0, "failed": 0, "complete": true})
+        serde_json::json!({"users": 2, "written": 2, "unchanged": 0, "emptied": 0, "refused": 0, "failed": 0, "complete": true})
     );
     let cached = json(&topk(&["top", "42"], &clickhouse, &redis));
     let fresh = json(&topk(&["top", "42", "--fresh"], &clickhouse, &redis));

@@ -16,7 +16,7 @@ use common::plays::{DAY, MINUTE, Play, flush, oracle};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use topk::cache::{Answer, Outcome, Target, replace};
-use topk::cache::{Conn, Redis, meta_key, songs_key};
+use topk::cache::{Conn, Redis, fingerprint, meta_key, songs_key};
 use topk::clock::{Clock, ManualClock};
 use topk::config::{ClickHouseArgs, RedisArgs};
 use topk::query::TopQuery;
@@ -214,6 +214,20 @@ fn target(prefix: &str, tombstone_ms: u64) -> Target {
     }
 }
 
+/// The meta hash of `songs` stored at version `at` over `window`, field by field.
+fn stored_meta(at: i64, window: Window, songs: &[RankedSong]) -> HashMap<String, String> {
+    [
+        ("computed_at_ms", at.to_string()),
+        ("computed_at", rfc3339_ms(at)),
+        ("window_start", window.start_rfc3339()),
+        ("window_end", window.end_rfc3339()),
+        ("fingerprint", fingerprint(songs)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 fn songs(list: &[(u64, u64)]) -> Vec<RankedSong> {
     rank(list.to_vec(), MAX_LIMIT)
 }
@@ -246,16 +260,7 @@ async fn replace_top_contract_and_guard() {
         .expect("zrange");
     assert_eq!(zset, vec![(3, 12), (9, 12), (7, 31)]);
     let meta: HashMap<String, String> = conn.hgetall(meta_key(prefix, 42)).await.expect("meta");
-    let want_meta: HashMap<String, String> = [
-        ("computed_at_ms", t0.to_string()),
-        ("computed_at", rfc3339_ms(t0)),
-        ("window_start", window.start_rfc3339()),
-        ("window_end", window.end_rfc3339()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    assert_eq!(meta, want_meta);
+    assert_eq!(meta, stored_meta(t0, window, &first));
     for key in [songs_key(prefix, 42), meta_key(prefix, 42)] {
         let ttl: i64 = conn.pttl(&key).await.expect("pttl");
         assert!(ttl > 0 && ttl <= 3_600_000, "{key} has the TTL: {ttl}");
@@ -289,13 +294,54 @@ async fn replace_top_contract_and_guard() {
         first
     );
 
-    // The same version again is a retry: rewritten, same content.
+    // The same version again is a retry: same content, nothing to rewrite.
     assert_eq!(
         replace(&mut conn, &target, &answer, window, t0)
             .await
             .expect("replace"),
+        Outcome::Unchanged
+    );
+
+    // A newer computation of the same answer renews the version, the times and both TTLs and
+    // leaves the songs as they are.
+    let later = Window::at(t0 + 60_000);
+    let _: i64 = conn
+        .pexpire(songs_key(prefix, 42), 5_000)
+        .await
+        .expect("pexpire");
+    assert_eq!(
+        replace(&mut conn, &target, &answer, later, t0 + 60_000)
+            .await
+            .expect("replace"),
+        Outcome::Unchanged
+    );
+    let meta: HashMap<String, String> = conn.hgetall(meta_key(prefix, 42)).await.expect("meta");
+    assert_eq!(meta, stored_meta(t0 + 60_000, later, &first));
+    let ttl: i64 = conn.pttl(songs_key(prefix, 42)).await.expect("pttl");
+    assert!(ttl > 5_000, "the songs' TTL is renewed: {ttl}");
+    let read = redis
+        .read_top(prefix, 42, 50)
+        .await
+        .expect("read")
+        .expect("cached");
+    assert_eq!(read.songs, first);
+    assert_eq!(read.computed_at, rfc3339_ms(t0 + 60_000));
+
+    // Songs gone under a meta that remains (evicted by maxmemory): the same answer is written
+    // in full again, not renewed over nothing.
+    let _: i64 = conn.del(songs_key(prefix, 42)).await.expect("del");
+    assert_eq!(
+        replace(&mut conn, &target, &answer, later, t0 + 60_000)
+            .await
+            .expect("replace"),
         Outcome::Written
     );
+    let zset: Vec<(u64, u64)> = conn
+        .zrange_withscores(songs_key(prefix, 42), 0, -1)
+        .await
+        .expect("zrange");
+    assert_eq!(zset, vec![(3, 12), (9, 12), (7, 31)]);
+    let t0 = t0 + 60_000;
 
     // A newer one replaces the whole answer (songs not in it are gone).
     let newer = songs(&[(5, 2), (9, 13)]);
@@ -362,9 +408,19 @@ async fn replace_top_contract_and_guard() {
     wait_for_no_keys(&mut conn, prefix, 42).await;
 
     // Bad arguments are refused by the script itself.
-    let bad_version = ["not-a-number", "1000", "1000", "a", "b", "c", "300000", "0"];
+    let bad_version = [
+        "not-a-number",
+        "1000",
+        "1000",
+        "a",
+        "b",
+        "c",
+        "300000",
+        "0",
+        "",
+    ];
     assert_refused_untouched(&mut conn, prefix, &[1], &bad_version).await;
-    let bad_max_ahead = ["1000", "1000", "1000", "a", "b", "c", "-1", "0"];
+    let bad_max_ahead = ["1000", "1000", "1000", "a", "b", "c", "-1", "0", ""];
     assert_refused_untouched(&mut conn, prefix, &[1], &bad_max_ahead).await;
 }
 
@@ -446,9 +502,11 @@ async fn replace_top_stores_many_users_per_call() {
         "c",
         "300000",
         "1",
+        "x",
         "5",
         "9",
         "2",
+        "y",
         "5",
     ];
     assert_refused_untouched(&mut conn, prefix, &[1, 2], &short_counts).await;
@@ -550,7 +608,7 @@ async fn replace_top_is_atomic_for_readers() {
                 zset.iter().all(|&(_, plays)| plays == version),
                 "version {version}: {zset:?}"
             );
-            assert_eq!(meta.len(), 4, "version {version}: {meta:?}");
+            assert_eq!(meta.len(), 5, "version {version}: {meta:?}");
         }
     }
     stop.cancel();
@@ -884,7 +942,11 @@ async fn warmup_and_racing_refreshers_never_regress() {
     )
     .await
     .expect("warm-up");
-    assert_eq!((again.users, again.written), (in_window, in_window));
+    // Same clock, same plays: every answer is the stored one, renewed, not rewritten.
+    assert_eq!(
+        (again.users, again.written, again.unchanged),
+        (in_window, 0, in_window)
+    );
 
     // New plays, then two refreshers at once, a minute later.
     let more = random_plays(&mut rng, users, 500, now);
@@ -1042,12 +1104,13 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
             }
         }
     };
-    let page = |users: &[u64], at: i64, written: u64| topk_refresher::WarmupPage {
+    let page = |users: &[u64], at: i64, written: u64, unchanged: u64| topk_refresher::WarmupPage {
         users: users.to_vec(),
         window: Window::at(at),
         computed_at_ms: at,
         refreshed: topk_refresher::Refreshed {
             written,
+            unchanged,
             ..Default::default()
         },
     };
@@ -1055,7 +1118,7 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
     // Page 1 at `t`: user 1.
     let first = warmup.page().await.expect("page").expect("a page");
     expect(plays.clone(), [Some(t), None, None, None], "page 1").await;
-    assert_eq!(first, page(&[1], t, 1));
+    assert_eq!(first, page(&[1], t, 1, 0));
 
     // Ten minutes later user 3 played again, and the refresher's first cycle recomputes
     // everyone: user 2's play has left the window, its answer is emptied, and the tombstone
@@ -1078,9 +1141,10 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
         (
             cycle.users,
             cycle.refreshed.written,
+            cycle.refreshed.unchanged,
             cycle.refreshed.emptied
         ),
-        (4, 3, 1),
+        (4, 2, 1, 1),
         "{cycle:?}"
     );
     wait_for_no_keys(&mut conn, prefix, 2).await;
@@ -1113,7 +1177,8 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
         "page 2",
     )
     .await;
-    assert_eq!(second, page(&[3], t + 20 * MINUTE, 1));
+    // Its plays are those the refresher stored: the answer is renewed at the newer version.
+    assert_eq!(second, page(&[3], t + 20 * MINUTE, 0, 1));
 
     // Page 3: user 4, whose first song has left the window since the refresher stored it.
     clock.set(t + 30 * MINUTE);
@@ -1135,7 +1200,7 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
         "page 3",
     )
     .await;
-    assert_eq!(third, page(&[4], t + 30 * MINUTE, 1));
+    assert_eq!(third, page(&[4], t + 30 * MINUTE, 1, 0));
 
     clock.set(t + 40 * MINUTE);
     assert_eq!(warmup.page().await.expect("page"), None);
@@ -1143,7 +1208,8 @@ async fn a_long_warmup_never_stores_answers_older_than_the_refresher() {
         warmup.report(),
         &topk_refresher::WarmupReport {
             users: 3,
-            written: 3,
+            written: 2,
+            unchanged: 1,
             complete: true,
             ..Default::default()
         }

@@ -265,6 +265,7 @@ pub fn olap_failed(error: &dyn std::error::Error) {
 pub fn write_back(outcome: topk::cache::Outcome) {
     let outcome = match outcome {
         topk::cache::Outcome::Written => "written",
+        topk::cache::Outcome::Unchanged => "unchanged",
         topk::cache::Outcome::Emptied => "emptied",
         topk::cache::Outcome::Refused => "refused",
     };

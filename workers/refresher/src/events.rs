@@ -12,6 +12,7 @@ use crate::warmup::WarmupReport;
 pub fn cycle_done(report: &CycleReport, elapsed: Duration) {
     let r = &report.refreshed;
     metrics::counter!("topk_refresh_users_total", "outcome" => "written").increment(r.written);
+    metrics::counter!("topk_refresh_users_total", "outcome" => "unchanged").increment(r.unchanged);
     metrics::counter!("topk_refresh_users_total", "outcome" => "emptied").increment(r.emptied);
     metrics::counter!("topk_refresh_users_total", "outcome" => "refused").increment(r.refused);
     metrics::counter!("topk_refresh_users_total", "outcome" => "failed")
@@ -24,6 +25,7 @@ pub fn cycle_done(report: &CycleReport, elapsed: Duration) {
         due = report.due,
         settled = report.settled.len(),
         written = r.written,
+        unchanged = r.unchanged,
         emptied = r.emptied,
         refused = r.refused,
         failed = r.failed.len(),
@@ -56,6 +58,7 @@ pub fn warmup_done(report: &WarmupReport) {
     tracing::info!(
         users = report.users,
         written = report.written,
+        unchanged = report.unchanged,
         emptied = report.emptied,
         refused = report.refused,
         failed = report.failed,

@@ -18,6 +18,8 @@ use crate::{RefreshError, RefreshSettings, events};
 pub struct Refreshed {
     /// Answers stored.
     pub written: u64,
+    /// Answers that were already stored (same fingerprint): renewed, songs left as they were.
+    pub unchanged: u64,
     /// Empty answers: keys deleted (a tombstone guards the version until it expires).
     pub emptied: u64,
     /// Refused by the guard: a newer computation was already stored.
@@ -29,6 +31,7 @@ pub struct Refreshed {
 impl Refreshed {
     fn add(&mut self, other: Refreshed) {
         self.written += other.written;
+        self.unchanged += other.unchanged;
         self.emptied += other.emptied;
         self.refused += other.refused;
         self.failed.extend(other.failed);
@@ -36,7 +39,7 @@ impl Refreshed {
 
     /// Users whose answer was computed and offered to Redis.
     pub fn done(&self) -> u64 {
-        self.written + self.emptied + self.refused
+        self.written + self.unchanged + self.emptied + self.refused
     }
 }
 
@@ -176,6 +179,7 @@ impl Refresh {
         for outcome in outcomes {
             match outcome {
                 Outcome::Written => done.written += 1,
+                Outcome::Unchanged => done.unchanged += 1,
                 Outcome::Emptied => done.emptied += 1,
                 Outcome::Refused => done.refused += 1,
             }

@@ -28,6 +28,7 @@ use crate::{RefreshError, changes, events};
 pub struct WarmupReport {
     pub users: u64,
     pub written: u64,
+    pub unchanged: u64,
     pub emptied: u64,
     pub refused: u64,
     pub failed: u64,
@@ -146,6 +147,7 @@ impl<'a> Warmup<'a> {
         let report = &mut self.report;
         report.users += users.len() as u64;
         report.written += refreshed.written;
+        report.unchanged += refreshed.unchanged;
         report.emptied += refreshed.emptied;
         report.refused += refreshed.refused;
         report.failed += refreshed.failed.len() as u64;
